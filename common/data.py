@@ -1,0 +1,269 @@
+"""Prompt sources: the built-in arithmetic task, local jsonl/parquet files, or a hub data set.
+
+Every source yields rows {"question", "answer", ["response"]}: `answer` is the gold final answer the
+verifier compares against, `response` (SFT only) the demonstration to imitate. Rows are validated
+before step 1: a bad row stops the run with the file, the row number and the field in the message
+(or is skipped and counted with --skip-bad-rows).
+
+The built-in task: integer arithmetic expressions such as `(7+5)*3-4=` with worked solutions that
+reduce one operation at a time and end in `\\boxed{N}`. Several solution paths are valid per problem
+(the order in which independent sub-expressions are reduced, and the operand order of + and *),
+so output diversity is meaningful; a settable fraction of demonstrations contain an arithmetic
+slip, so a model cloned from them is imperfect and RL has room to improve.
+"""
+import json
+import random
+import re
+from pathlib import Path
+
+import torch
+
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+HELDOUT_SEED = 1234  # the held-out split is fixed: same problems for every run and every seed
+
+
+# ----------------------------------------------------------------------------- built-in task
+def _random_tree(rng, n_ops, max_num):
+    """A random expression tree with n_ops binary operations: leaves are ints in [1, max_num]."""
+    if n_ops == 0:
+        return rng.randint(1, max_num)
+    left = rng.randint(0, n_ops - 1)
+    return (rng.choice("+-*"), _random_tree(rng, left, max_num), _random_tree(rng, n_ops - 1 - left, max_num))
+
+
+def _value(t):
+    if isinstance(t, int):
+        return t
+    op, a, b = t
+    a, b = _value(a), _value(b)
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def _text(t, parent_op=None, right=False):
+    """Infix text with only the parentheses that precedence requires."""
+    if isinstance(t, int):
+        return str(t)
+    op, a, b = t
+    s = _text(a, op, False) + op + _text(b, op, True)
+    prec = {"+": 1, "-": 1, "*": 2}
+    if parent_op and (prec[op] < prec[parent_op] or (right and prec[op] == prec[parent_op])):
+        s = "(" + s + ")"
+    return s
+
+
+def _solution(rng, tree, slip_prob=0.0):
+    """One worked solution: repeatedly reduce a random ready operation (both operands are numbers),
+    writing `a op b = c`; + and * may be written with swapped operands. A slip (prob. per step) writes
+    a wrong result that then propagates, like a real arithmetic mistake. Returns (text, final, slipped)."""
+    steps, slipped = [], False
+
+    def ready(t, path=()):
+        if isinstance(t, int):
+            return []
+        op, a, b = t
+        if isinstance(a, int) and isinstance(b, int):
+            return [path]
+        return ready(a, path + (1,)) + ready(b, path + (2,))
+
+    def replace(t, path, new):
+        if not path:
+            return new
+        t = list(t)
+        t[path[0]] = replace(t[path[0]], path[1:], new)
+        return tuple(t)
+
+    while not isinstance(tree, int):
+        path = rng.choice(ready(tree))
+        node = tree
+        for i in path:
+            node = node[i]
+        op, a, b = node
+        c = _value(node)
+        if slip_prob and rng.random() < slip_prob:
+            c += rng.choice([-10, -2, -1, 1, 2, 10])
+            slipped = True
+        if op in "+*" and rng.random() < 0.5:
+            a, b = b, a
+        steps.append(f"{a}{op}{b}={c}")
+        tree = replace(tree, path, c)
+    return ", ".join(steps) + f". \\boxed{{{tree}}}", tree, slipped
+
+
+def builtin_task(n, seed, difficulty=2, max_num=9, flawed_frac=0.0, exclude=()):
+    """n problems of the built-in task. difficulty = number of operations per problem.
+    flawed_frac: fraction of demonstrations that contain an arithmetic slip (wrong final answer).
+    Problems whose question is in `exclude` (the held-out split) are never generated."""
+    rng = random.Random(seed)
+    rows, seen = [], set(exclude)
+    while len(rows) < n:
+        tree = _random_tree(rng, difficulty, max_num)
+        question = _text(tree) + "="
+        if question in seen and len(seen) < 50_000:
+            continue
+        answer = _value(tree)
+        flawed = rng.random() < flawed_frac
+        response, final, _ = _solution(rng, tree, slip_prob=1.0 / difficulty if flawed else 0.0)
+        if flawed and final == answer:  # make sure a flawed demonstration is really wrong
+            response, final = response.replace(f"\\boxed{{{final}}}", f"\\boxed{{{final + 1}}}"), final + 1
+        rows.append({"question": question, "answer": str(answer), "response": response})
+    return rows
+
+
+def builtin_split(n_train, n_eval, difficulty=2, max_num=9, flawed_frac=0.0, seed=0):
+    """Train rows (seeded) and the fixed held-out rows; no held-out question appears in train."""
+    heldout = builtin_task(n_eval, HELDOUT_SEED + difficulty, difficulty, max_num)
+    train = builtin_task(n_train, seed, difficulty, max_num, flawed_frac, exclude={r["question"] for r in heldout})
+    return train, heldout
+
+
+def solution_paths(question, n=50, seed=0):
+    """Distinct correct worked solutions of one built-in question (to show that several exist)."""
+    tree = _parse_expr(question.rstrip("="))
+    rng = random.Random(seed)
+    return sorted({_solution(rng, tree)[0] for _ in range(n)})
+
+
+def _parse_expr(s):
+    """Parse the task's infix text back into a tree (only + - * ( ) and integers)."""
+    toks = re.findall(r"\d+|[-+*()]", s)
+    pos = 0
+
+    def atom():
+        nonlocal pos
+        t = toks[pos]; pos += 1
+        if t == "(":
+            e = expr(); pos += 1
+            return e
+        return int(t)
+
+    def term():
+        nonlocal pos
+        e = atom()
+        while pos < len(toks) and toks[pos] == "*":
+            pos += 1; e = ("*", e, atom())
+        return e
+
+    def expr():
+        nonlocal pos
+        e = term()
+        while pos < len(toks) and toks[pos] in "+-":
+            op = toks[pos]; pos += 1; e = (op, e, term())
+        return e
+    return expr()
+
+
+# ----------------------------------------------------------------------------- batches
+def collate(seqs, pad_id, device="cpu"):
+    """Right-padded ids, attention mask and next-token targets (-100 on prompt and padding)."""
+    T = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    targets = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for i, (s, n_prompt) in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+        targets[i, n_prompt - 1:len(s) - 1] = torch.tensor(s[n_prompt:])
+    return ids.to(device), mask.to(device), targets.to(device)
+
+
+# ----------------------------------------------------------------------------- files and hub
+def _read_rows(src):
+    """Rows of a local .jsonl/.json/.parquet file, or of a hub data set `name[:split]`."""
+    p = Path(src)
+    if p.suffix == ".jsonl":
+        rows = []
+        with open(p, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}: row {i}: not valid JSON ({e.msg})") from None
+        return rows
+    if p.suffix == ".json":
+        return json.loads(p.read_text(encoding="utf-8"))
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(p).to_pylist()
+    if p.exists():
+        raise ValueError(f"{p}: unsupported file type (use .jsonl, .json or .parquet)")
+    import datasets  # a hub id, e.g. openai/gsm8k:train (needs network access)
+    name, _, split = src.partition(":")
+    return list(datasets.load_dataset(name, split=split or "train"))
+
+
+def gold_answer(text):
+    """Final answer of a reference solution: the part after GSM8K's `####`, else the last \\boxed{}
+    (MATH), else the text itself."""
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip().replace(",", "")
+    from common.rewards import extract_answer
+    return extract_answer(text) or text.strip()
+
+
+def load_rows(src, prompt_key="question", answer_key="answer", response_key=None, tokenizer=None,
+              max_len=None, skip_bad_rows=False):
+    """Validated rows {"question","answer"[, "response"]} of a file or hub data set. A missing key, an
+    empty or non-text field, or a row longer than max_len tokens raises ValueError naming the file,
+    the row (1-based) and the field; with skip_bad_rows such rows are skipped. Returns (rows, n_skipped)."""
+    out, skipped = [], 0
+    keys = [("question", prompt_key), ("answer", answer_key)] + ([("response", response_key)] if response_key else [])
+    for i, row in enumerate(_read_rows(src), 1):
+        try:
+            if not isinstance(row, dict):
+                raise ValueError(f"{src}: row {i}: not a JSON object")
+            r = {}
+            for name, key in keys:
+                if key not in row:
+                    raise ValueError(f"{src}: row {i}: missing field '{key}' (set --{name.replace('question', 'prompt')}-key)")
+                v = row[key]
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and name == "answer":
+                    v = str(v)
+                if not isinstance(v, str) or not v.strip():
+                    raise ValueError(f"{src}: row {i}: field '{key}' is empty or not text")
+                r[name] = v
+            r["answer"] = gold_answer(r["answer"])
+            if max_len and tokenizer is not None:
+                n = len(tokenizer(format_prompt(tokenizer, r["question"]) + r.get("response", "")).input_ids)
+                if n > max_len:
+                    raise ValueError(f"{src}: row {i}: field '{prompt_key}'"
+                                     f"{' + ' + repr(response_key) if response_key else ''} is {n} tokens, "
+                                     f"longer than --max-len {max_len}")
+            out.append(r)
+        except ValueError:
+            if not skip_bad_rows:
+                raise
+            skipped += 1
+    if not out:
+        raise ValueError(f"{src}: no usable rows")
+    return out, skipped
+
+
+def format_prompt(tokenizer, question, system_prompt=SYSTEM_PROMPT):
+    """The prompt text for a question: the tokenizer's chat template when it has one (with the system
+    prompt the authors used), else the bare question on a line (the built-in model)."""
+    if getattr(tokenizer, "chat_template", None):
+        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+               [{"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return question + "\n"
+
+
+def load_split(args, tokenizer):
+    """(train_rows, eval_rows) for a trainer's args: the built-in task when --data builtin, else the
+    file/hub rows with the last --eval-size rows (or --eval-data) held out."""
+    if args.data == "builtin":
+        return builtin_split(args.train_size, args.eval_size, args.difficulty, args.max_num,
+                             getattr(args, "flawed_frac", 0.0), args.seed)
+    kw = dict(prompt_key=args.prompt_key, answer_key=args.answer_key, tokenizer=tokenizer,
+              max_len=args.max_len, skip_bad_rows=args.skip_bad_rows,
+              response_key=getattr(args, "response_key", None))
+    rows, skipped = load_rows(args.data, **kw)
+    if skipped:
+        print(f"[data] skipped {skipped} bad rows of {args.data}")
+    if getattr(args, "eval_data", None):
+        kw["response_key"] = None
+        return rows, load_rows(args.eval_data, **kw)[0][:args.eval_size]
+    n_eval = min(args.eval_size, len(rows) // 10)
+    return rows[:len(rows) - n_eval], rows[len(rows) - n_eval:]

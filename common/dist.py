@@ -1,0 +1,146 @@
+"""Distributed setup: process group (NCCL on GPU, gloo on CPU), device, seeding, FSDP2 wrapping,
+rank-0 printing and all-reduce of metrics. Works under `torchrun` and as a plain `python` script
+(a one-process group is created so the same code path runs everywhere)."""
+import os
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup(seed=0):
+    """Init the process group and return Dist. On CPU each rank gets cores/local_world threads."""
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                 "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:  # plain `python trainer.py`: pick a free port
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    seed_all(seed + rank)
+    return Dist(rank, world, local_rank, device)
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*a, **kw):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*a, **kw, flush=True)
+
+
+def wrap_fsdp(model, layers, device, bf16=None):
+    """FSDP2: `fully_shard` every decoder layer, then the root. bf16 params with fp32 gradient
+    reduction on GPU (mixed precision), plain fp32 on CPU. On GPU parameters are resharded after
+    forward (memory); on CPU they stay gathered until backward (gloo collectives are latency-bound)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    model.to(device)
+    reshard = device.type == "cuda"
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=reshard)
+    return model
+
+
+def full_state_items(model, prefix="lm."):
+    """Yield (name, full tensor) for every key of the sharded model's state dict, one at a time
+    (`full_tensor()` all-gathers on every rank), so no second full copy of the model ever exists.
+    Tied models get an explicit `lm_head.weight` too: engines that untie the head need it."""
+    names = set()
+    for name, t in model.state_dict().items():
+        name = name[len(prefix):] if name.startswith(prefix) else name
+        names.add(name)
+        yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+    if "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
+        t = model.state_dict()[prefix + "model.embed_tokens.weight"]
+        yield "lm_head.weight", (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+
+
+def all_reduce(x, op="sum"):
+    """All-reduce a python number or tensor across ranks (on CPU for gloo, on the device for NCCL)."""
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    t = torch.as_tensor(x, dtype=torch.float64, device=dev).clone()
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t.item() if t.dim() == 0 else t.cpu()
+
+
+def mean_metrics(sums, counts=None):
+    """Global means of per-rank metric sums: {k: Σ_ranks sums[k] / Σ_ranks counts[k]} in one all-reduce.
+    counts defaults to 1 per rank (a plain mean over ranks)."""
+    keys = sorted(sums)
+    counts = counts or {}
+    vals = all_reduce([float(sums[k]) for k in keys] + [float(counts.get(k, 1.0)) for k in keys])
+    n = len(keys)
+    return {k: (vals[i] / vals[n + i]).item() if vals[n + i] else float("nan") for i, k in enumerate(keys)}
+
+
+def reshard(model):
+    """Free gathered parameters after no-grad forwards. Needed on CPU, where parameters stay gathered
+    after forward until a backward reshards them: a no-grad forward has no backward, and the stale
+    gathered copy would otherwise be reused by the next forward (after an optimizer step or a swap)."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def local_shards(model):
+    """A CPU copy of this rank's shard of every parameter (e.g. the initial weights, pi_ref)."""
+    return [(p.to_local() if hasattr(p, "to_local") else p).detach().to("cpu", copy=True) for p in model.parameters()]
+
+
+@contextmanager
+def swapped_weights(model, shards):
+    """Run the model with other weights (as returned by `local_shards`) inside the block, then restore.
+    Used for pi_ref: its shards live in CPU memory, so no second model occupies the device."""
+    params = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    current = [p.detach().clone() for p in params]
+    reshard(model)
+    with torch.no_grad():
+        for p, s in zip(params, shards):
+            p.copy_(s)
+    try:
+        yield
+    finally:
+        reshard(model)
+        with torch.no_grad():
+            for p, c in zip(params, current):
+                p.copy_(c)

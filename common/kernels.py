@@ -1,0 +1,246 @@
+"""Fused lm_head -> per-token log-prob and entropy, never materialising the [N, V] logits.
+
+With z = hidden @ weight.T / T, p = softmax(z) and lse = logsumexp(z):
+    logp_i = z_i[y_i] - lse_i        H_i = -sum_v p_v log p_v = lse_i - sum_v p_v z_v
+Both implementations walk the vocabulary in tiles and keep per-row statistics of each tile,
+    m = max z,   s = sum e^(z-m),   u = sum e^(z-m) (z-m)
+which combine exactly across tiles (see _merge) into lse = m + log s and H = log s - u/s. The backward
+recomputes each tile's logits instead of storing them. Gradients w.r.t. the logits:
+    d logp/dz = e_y - p
+    dH/dz_k   = -sum_v p_v (d_vk - p_k)(log p_v + 1) = -p_k (log p_k + H)
+so with upstream grads a = dL/dlogp, b = dL/dH (per row):
+    dz = a e_y - p * (a + b (log p + H))
+The sparse a e_y term is applied once outside the tile loops (a gather of W[y], an index_add into dW);
+the tiles only handle the dense -p * (...) part. Then dhidden = dz @ W / T and dW = dz^T @ hidden / T.
+
+Implementations: "chunked" (pure torch, CPU or GPU: [rows x cols] logit tiles, fp32 math) and "triton"
+(CUDA, or the interpreter with TRITON_INTERPRET=1). impl="auto" picks triton for CUDA tensors, chunked
+otherwise; the env var RL_LOGPROB_IMPL=chunked|triton overrides "auto".
+"""
+import functools
+import os
+
+import torch
+
+CHUNK_ROWS, CHUNK_COLS = 2048, 1024  # chunked tile: 8 MB of fp32 logits, lives in L3 (tuned: bench/logprob.py)
+TRITON_BLOCKS = dict(BN=64, BV=128, BD=64)  # rows x vocab tile, and the step over the hidden dim
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=True, ignore_index=-100, impl="auto"):
+    """log softmax(hidden @ weight.T / temperature)[targets] and the entropy of that (tempered) softmax.
+
+    hidden [..., D], weight [V, D], targets [...] (long) -> (logp [...], entropy [...] or None), fp32.
+    Differentiable w.r.t. hidden and weight through both outputs. Positions with targets == ignore_index
+    give 0 for both and get no gradient (they are skipped, so they cost nothing either)."""
+    if impl == "auto":
+        impl = os.environ.get("RL_LOGPROB_IMPL", "auto")
+        impl = impl if impl != "auto" else "triton" if hidden.is_cuda else "chunked"
+    if impl not in ("triton", "chunked"):
+        raise ValueError(f"impl must be auto, triton or chunked, got {impl!r}")
+    logp, ent = _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                     float(temperature), with_entropy, ignore_index, impl)
+    return logp.view(targets.shape), ent.view(targets.shape) if with_entropy else None
+
+
+class _TokenLogprobs(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, h, w, y, temperature, with_entropy, ignore_index, impl):
+        idx = (y != ignore_index).nonzero().squeeze(1)  # only the scored rows are computed
+        hv, yv, inv_t = h.index_select(0, idx), y.index_select(0, idx), 1.0 / temperature
+        logp, ent = h.new_zeros(len(y), dtype=torch.float32), h.new_zeros(len(y), dtype=torch.float32)
+        lse = entv = None
+        if len(idx):
+            stats = _triton_stats if impl == "triton" else _chunked_stats
+            lse, entv = _merge(*stats(hv, w, inv_t, with_entropy))
+            zy = torch.linalg.vecdot(hv.float(), w.index_select(0, yv).float()) * inv_t  # target logits
+            logp[idx] = zy - lse
+            if with_entropy:
+                ent[idx] = entv
+        ctx.save_for_backward(h, w, idx, yv, lse, entv)
+        ctx.inv_t, ctx.impl = inv_t, impl
+        ctx.set_materialize_grads(False)
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, w, idx, yv, lse, ent = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[:2]
+        if not len(idx) or (g_logp is None and g_ent is None):  # nothing to back-propagate: zero grads
+            return torch.zeros_like(h) if need_dh else None, torch.zeros_like(w) if need_dw else None, *[None] * 5
+        inv_t, hv = ctx.inv_t, h.index_select(0, idx)
+        a = g_logp.index_select(0, idx).float() if g_logp is not None else lse.new_zeros(len(idx))
+        b = g_ent.index_select(0, idx).float() if g_ent is not None and ent is not None else None
+        grads = _triton_grads if ctx.impl == "triton" else _chunked_grads
+        dhv, dw = grads(hv, w, inv_t, lse, ent, a, b, need_dh, need_dw)  # dense part: dz = -p (a + b (log p + H))
+        dh = None
+        if need_dh:  # + sparse part a e_y:  dh += a W[y] / T
+            dhv += a[:, None] * w.index_select(0, yv).float() * inv_t
+            dh = torch.zeros_like(h).index_copy_(0, idx, dhv.to(h.dtype))
+        if need_dw:  # dW[y] += a h / T
+            dw.index_add_(0, yv, (a[:, None] * hv.float() * inv_t).to(dw.dtype))
+            dw = dw.to(w.dtype)
+        return dh, dw, None, None, None, None, None
+
+
+def _merge(m, s, u):
+    """Per-tile stats [tiles, N] -> per-row (lse, entropy). Rescale each tile to the global max M:
+    s_k e^(m_k-M) and sum e^(z-M)(z-M) = e^(m_k-M) (u_k + (m_k-M) s_k); then lse = M + log S, H = log S - U/S."""
+    M = m.amax(0)
+    r = torch.exp(m - M)
+    S = (r * s).sum(0)
+    ent = S.log() - (r * (u + (m - M) * s)).sum(0) / S if u is not None else None
+    return M + S.log(), ent
+
+
+# ----------------------------------------------------------------------------- chunked (pure torch)
+
+def _chunked_stats(h, w, inv_t, with_entropy):
+    """(m, s, u) of every [CHUNK_ROWS x CHUNK_COLS] logit tile, vocab tiles outer so a W tile stays in cache."""
+    hs, rows, cols = h.float() * inv_t, CHUNK_ROWS, CHUNK_COLS
+    N, V = len(h), len(w)
+    out = torch.empty(3, -(-V // cols), N, device=h.device)
+    for k, v0 in enumerate(range(0, V, cols)):
+        wv = w[v0:v0 + cols].float()
+        for r0 in range(0, N, rows):
+            z = hs[r0:r0 + rows] @ wv.T
+            m = z.amax(1, keepdim=True)
+            e = z.sub_(m).exp()  # z now holds z - m
+            out[0, k, r0:r0 + rows], out[1, k, r0:r0 + rows] = m.squeeze(1), e.sum(1)
+            if with_entropy:
+                out[2, k, r0:r0 + rows] = e.mul_(z).sum(1)
+    return out[0], out[1], out[2] if with_entropy else None
+
+
+def _chunked_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw):
+    """Dense part of dz tile by tile; dh = dz @ W / T into an fp32 buffer, dW = dz^T @ h / T. Rows are the
+    inner loop, so each dW tile is complete (and cast to w's dtype) before moving on to the next."""
+    hs, rows, cols = h.float() * inv_t, CHUNK_ROWS, CHUNK_COLS
+    N, V = len(h), len(w)
+    dh = torch.zeros(N, h.shape[1], device=h.device) if need_dh else None
+    dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_dw else None
+    c = -(a + b * ent) if b is not None else -a  # dz = p * (c - b log p)
+    for v0 in range(0, V, cols):
+        wv = w[v0:v0 + cols].float()
+        acc = None
+        if need_dw:
+            acc = dw[v0:v0 + cols] if dw.dtype == torch.float32 else torch.empty(len(wv), w.shape[1], device=w.device)
+        for i, r0 in enumerate(range(0, N, rows)):
+            r = slice(r0, r0 + rows)
+            z = (hs[r] @ wv.T).sub_(lse[r, None])  # log p
+            dz = z.exp()
+            dz.mul_(z.mul_(-b[r, None]).add_(c[r, None]) if b is not None else c[r, None])
+            if need_dh:
+                dh[r].addmm_(dz, wv)
+            if need_dw:
+                acc.addmm_(dz.T, hs[r], beta=float(i > 0))  # beta=0 on the first row chunk: acc is uninitialised
+        if need_dw and acc.dtype != dw.dtype:
+            dw[v0:v0 + cols] = acc
+    if need_dh:
+        dh *= inv_t
+    return dh, dw
+
+
+# ----------------------------------------------------------------------------- triton
+
+@functools.cache
+def _triton():
+    """Define the kernels on first use: triton is only imported here, so a CPU test can set TRITON_INTERPRET=1
+    first. Names are module globals because the interpreter resolves helpers through the module's globals."""
+    global triton, tl, _logit_tile, _fwd_kernel, _bwd_kernel
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _logit_tile(H, W, rows, cols, N, V, D, inv_t, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+        # z[BN, BV] = H[rows] @ W[cols].T / T, fp32 accumulation over the hidden dim in steps of BD
+        acc = tl.zeros([BN, BV], dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            ds = d0 + tl.arange(0, BD)
+            h = tl.load(H + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
+            w = tl.load(W + cols[:, None] * D + ds[None, :], mask=(cols[:, None] < V) & (ds[None, :] < D), other=0.0)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=PREC)
+        return acc * inv_t
+
+    @triton.jit
+    def _fwd_kernel(H, W, M, S, U, N, V, D, inv_t, tiles_per_split, n_tiles,
+                    BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+        # program (i, j): rows block i over the j-th run of vocab tiles -> online (m, s, u) into M/S/U[j, rows]
+        i, j = tl.program_id(0), tl.program_id(1)
+        rows = (i * BN + tl.arange(0, BN)).to(tl.int64)
+        m = tl.full([BN], -1e30, tl.float32)  # finite "-inf": keeps 0 * (m - m_new) = 0
+        s = tl.zeros([BN], dtype=tl.float32)
+        u = tl.zeros([BN], dtype=tl.float32)
+        for t in range(j * tiles_per_split, tl.minimum((j + 1) * tiles_per_split, n_tiles)):
+            cols = (t * BV + tl.arange(0, BV)).to(tl.int64)
+            z = _logit_tile(H, W, rows, cols, N, V, D, inv_t, BN, BV, BD, PREC)
+            z = tl.where(cols[None, :] < V, z, -1e30)  # padded columns: e = 0, e * (z - m) = 0
+            m_new = tl.maximum(m, tl.max(z, 1))
+            r = tl.exp(m - m_new)  # rescales the old sums to the new max
+            e = tl.exp(z - m_new[:, None])
+            u = r * (u + (m - m_new) * s) + tl.sum(e * (z - m_new[:, None]), 1)
+            s = r * s + tl.sum(e, 1)
+            m = m_new
+        out = j * N + rows
+        tl.store(M + out, m, mask=rows < N)
+        tl.store(S + out, s, mask=rows < N)
+        tl.store(U + out, u, mask=rows < N)
+
+    @triton.jit
+    def _bwd_kernel(H, W, LSE, ENT, A, B, DH, DW, N, V, D, inv_t,
+                    BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
+                    PREC: tl.constexpr):
+        # program (i, j): one [BN, BV] tile of dz = -p (a + b (log p + H)) / T, then for each BD slice of the
+        # hidden dim: DH[rows] += dz @ W[cols], DW[cols] += dz^T @ H[rows] (fp32 atomics: tiles share rows/cols)
+        i, j = tl.program_id(0), tl.program_id(1)
+        rows = (i * BN + tl.arange(0, BN)).to(tl.int64)
+        cols = (j * BV + tl.arange(0, BV)).to(tl.int64)
+        logp = _logit_tile(H, W, rows, cols, N, V, D, inv_t, BN, BV, BD, PREC) - tl.load(LSE + rows, mask=rows < N, other=0.0)[:, None]
+        a = tl.load(A + rows, mask=rows < N, other=0.0)  # 0 on padded rows -> dz = 0 there
+        b = tl.load(B + rows, mask=rows < N, other=0.0)
+        ent = tl.load(ENT + rows, mask=rows < N, other=0.0)
+        p = tl.where(cols[None, :] < V, tl.exp(logp), 0.0)
+        dz = (-p * (a[:, None] + b[:, None] * (logp + ent[:, None])) * inv_t).to(H.dtype.element_ty)
+        for d0 in range(0, D, BD):
+            ds = d0 + tl.arange(0, BD)
+            if NEED_DH:
+                w = tl.load(W + cols[:, None] * D + ds[None, :], mask=(cols[:, None] < V) & (ds[None, :] < D), other=0.0)
+                tl.atomic_add(DH + rows[:, None] * D + ds[None, :], tl.dot(dz, w, input_precision=PREC), mask=(rows[:, None] < N) & (ds[None, :] < D))
+            if NEED_DW:
+                h = tl.load(H + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
+                tl.atomic_add(DW + cols[:, None] * D + ds[None, :], tl.dot(tl.trans(dz), h, input_precision=PREC), mask=(cols[:, None] < V) & (ds[None, :] < D))
+
+    return _fwd_kernel, _bwd_kernel
+
+
+def _triton_stats(h, w, inv_t, with_entropy):
+    fwd, _ = _triton()
+    h, w, (N, D), V, bl = h.contiguous(), w.contiguous(), h.shape, len(w), TRITON_BLOCKS
+    n_tiles, row_blocks = -(-V // bl["BV"]), -(-N // bl["BN"])
+    # split the vocab over enough programs to fill the GPU; the splits' stats are merged like tiles
+    want = 4 * torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 4
+    per = -(-n_tiles // min(n_tiles, max(1, -(-want // row_blocks))))
+    splits = -(-n_tiles // per)
+    m, s, u = torch.empty(3, splits, N, device=h.device)
+    fwd[(row_blocks, splits)](h, w, m, s, u, N, V, D, inv_t, per, n_tiles, **bl, PREC=_prec(h))
+    return m, s, u if with_entropy else None
+
+
+def _triton_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw):
+    _, bwd = _triton()
+    h, w, (N, D), V, bl = h.contiguous(), w.contiguous(), h.shape, len(w), TRITON_BLOCKS
+    dh = torch.zeros(N, D, device=h.device) if need_dh else None
+    dw = torch.zeros(V, D, device=w.device) if need_dw else None  # fp32 for the atomics; cast by the caller
+    b, ent = (b, ent) if b is not None else (torch.zeros_like(a), torch.zeros_like(a))
+    grid = (-(-N // bl["BN"]), -(-V // bl["BV"]))  # row blocks vary fastest: concurrent programs share a W tile
+    bwd[grid](h, w, lse, ent, a, b, dh if need_dh else a, dw if need_dw else a, N, V, D, inv_t, **bl,
+              NEED_DH=need_dh, NEED_DW=need_dw, PREC=_prec(h))
+    return dh, dw
+
+
+def _prec(h):
+    """fp32 tl.dot precision as torch would do the matmul: full fp32 unless torch allows tf32 (for bf16/fp16
+    inputs this is just triton's default)."""
+    return "ieee" if h.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"

@@ -1,0 +1,57 @@
+"""Losses shared by the RL trainers: the clipped policy loss, loss aggregation over the global batch,
+and the KL estimators. All per-token tensors are [B, T] with a 0/1 response mask."""
+import torch
+
+
+def policy_loss(logp, old_logp, adv, eps_low=0.2, eps_high=0.2, dual_clip=0.0, clip=True):
+    """PPO-style clipped surrogate per token: max(-A s, -A clip(s, 1-eps_low, 1+eps_high)), s = e^(logp-old).
+    dual_clip = c > 1 additionally bounds the loss of negative-advantage tokens by -c A (Ye et al. 2020),
+    so one huge ratio on a bad sample cannot dominate. clip=False gives the plain importance-sampled
+    policy gradient -A s. Returns (loss per token, 1.0 where the clip was active)."""
+    ratio = torch.exp((logp - old_logp).clamp(-20, 20))
+    unclipped = -adv * ratio
+    if not clip:
+        return unclipped, torch.zeros_like(unclipped)
+    clipped = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    was_clipped = (clipped > unclipped).float()
+    if dual_clip > 1.0:
+        bounded = torch.minimum(loss, -adv * dual_clip)
+        loss = torch.where(adv < 0, bounded, loss)
+        was_clipped = torch.where((adv < 0) & (loss < torch.maximum(unclipped, clipped)), 1.0, was_clipped)
+    return loss, was_clipped
+
+
+def aggregate(loss, mask, mode, n_tokens, n_seqs, max_len=None):
+    """Sum of this micro-batch's share of the GLOBAL batch loss, so that summing over micro-batches and
+    ranks gives the mean over the whole batch. n_tokens / n_seqs are global counts (all ranks, all
+    micro-batches of the optimizer step), never per micro-batch.
+      token-mean               sum_{i,t} l m / n_tokens                       (default)
+      seq-mean-token-mean      1/n_seqs sum_i (sum_t l m / sum_t m)           (original GRPO)
+      seq-mean-token-sum       1/n_seqs sum_i sum_t l m                       (ReMax paper)
+      seq-mean-token-sum-norm  1/n_seqs sum_i sum_t l m / max_len             (Dr. GRPO: constant length)"""
+    per_seq = (loss * mask).sum(-1)
+    if mode == "token-mean":
+        return per_seq.sum() / max(n_tokens, 1)
+    if mode == "seq-mean-token-mean":
+        return (per_seq / mask.sum(-1).clamp(min=1)).sum() / max(n_seqs, 1)
+    if mode == "seq-mean-token-sum":
+        return per_seq.sum() / max(n_seqs, 1)
+    if mode == "seq-mean-token-sum-norm":
+        return per_seq.sum() / (max(n_seqs, 1) * max_len)
+    raise ValueError(f"--loss-agg {mode!r}: expected token-mean, seq-mean-token-mean, seq-mean-token-sum "
+                     f"or seq-mean-token-sum-norm")
+
+
+def kl(logp, ref_logp, estimator="k3"):
+    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman's k1/k2/k3),
+    with delta = log pi_ref - log pi_theta clamped to +-20 so that one outlier cannot overflow.
+      k1 = -delta  (unbiased, can be negative)   k2 = delta^2 / 2   k3 = e^delta - delta - 1 (unbiased, >= 0)"""
+    delta = (ref_logp - logp).clamp(-20, 20)
+    if estimator == "k1":
+        return -delta
+    if estimator == "k2":
+        return 0.5 * delta ** 2
+    if estimator == "k3":
+        return torch.exp(delta) - delta - 1
+    raise ValueError(f"--kl-estimator {estimator!r}: expected k1, k2 or k3")

@@ -1,0 +1,50 @@
+"""Metrics: one JSON object per line in <out_dir>/metrics.jsonl (flat names such as `train/loss`,
+`eval/pass@1`), a readable console line with a progress bar, optional wandb/tensorboard (--track).
+Only rank 0 writes; values are expected to be already reduced across ranks."""
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+class Logger:
+    def __init__(self, out_dir, total_steps, main=True, track=None, run_name=None, config=None):
+        self.main, self.total, self.t0 = main, total_steps, time.time()
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.sinks = []
+        if main and track == "wandb":
+            import wandb
+            self.sinks.append(wandb.init(project="rl-posttrain", name=run_name, config=config).log)
+        elif main and track == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(str(Path(out_dir) / "tb"))
+            self.sinks.append(lambda d, step: [tb.add_scalar(k, v, step) for k, v in d.items()])
+
+    def log(self, step, metrics, console_keys=None):
+        if not self.main:
+            return
+        row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for sink in self.sinks:
+            sink({k: v for k, v in row.items() if isinstance(v, float)}, step=step)
+        keys = console_keys or [k for k in metrics if isinstance(metrics[k], (int, float))][:6]
+        done = min(step / max(self.total, 1), 1.0)
+        bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+        el = time.time() - self.t0
+        eta = el / done - el if done > 0 else float("nan")
+        vals = " ".join(f"{k.split('/')[-1]}={_fmt(metrics[k])}" for k in keys if k in metrics)
+        print(f"[{bar}] {step}/{self.total} {el:5.0f}s eta {eta:4.0f}s | {vals}", file=sys.stdout, flush=True)
+
+
+def read(path):
+    """All rows of a metrics.jsonl (for plots, tests and tables)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _fmt(v):
+    if not isinstance(v, (int, float)) or math.isnan(v):
+        return str(v)
+    return f"{v:.4g}"

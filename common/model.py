@@ -1,0 +1,156 @@
+"""Models: load a Hugging Face causal LM + tokenizer, or build the built-in tiny one.
+
+The built-in model is a small Qwen2-architecture LM with a character-level tokenizer, created in
+code (nothing is downloaded) and written with `save_pretrained`, so transformers and vLLM load it
+exactly like a hub model. `hidden_states` runs the decoder body only: the trainers feed the result
+to `kernels.token_logprobs` together with the lm_head weight, so the [tokens x vocab] logits are
+never materialised.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+
+# Printable ASCII plus newline: enough for the built-in task and for reading GSM8K text.
+CHARS = ["\n"] + [chr(c) for c in range(32, 127)]
+SPECIALS = ["<|endoftext|>", "<unk>"]
+TINY_DIR = Path(__file__).resolve().parents[1] / "runs" / "tiny-init"
+
+
+def build_tokenizer():
+    """A character-level fast tokenizer: one token per character, EOS = <|endoftext|>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>", model_max_length=1024)
+
+
+def tiny_config(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512, max_len=512, tie=True):
+    """Qwen2 config of the built-in model (~1M parameters at the defaults). head_dim = hidden/heads = 32,
+    a size vLLM's CPU attention supports."""
+    from transformers import Qwen2Config
+    n_vocab = len(SPECIALS) + len(CHARS)
+    return Qwen2Config(vocab_size=(n_vocab + 31) // 32 * 32, hidden_size=hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate,
+                       max_position_embeddings=max_len, tie_word_embeddings=tie, rope_theta=10000.0,
+                       bos_token_id=0, eos_token_id=0, pad_token_id=0, torch_dtype="float32")
+
+
+def build_tiny(out_dir=TINY_DIR, seed=0, **config_kwargs):
+    """Create (once) the built-in model with random weights at `out_dir` and return the folder.
+    Idempotent: an existing complete folder with the same config is reused."""
+    from transformers import Qwen2ForCausalLM
+    out_dir = Path(out_dir)
+    cfg = tiny_config(**config_kwargs)
+    stamp = json.dumps({"seed": seed, **{k: v for k, v in sorted(config_kwargs.items())}})
+    if (out_dir / "model.safetensors").exists() and (out_dir / "tiny.json").exists() \
+            and (out_dir / "tiny.json").read_text() == stamp:
+        return out_dir
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    build_tokenizer().save_pretrained(tmp)
+    (tmp / "tiny.json").write_text(stamp)
+    import shutil
+    if out_dir.exists():  # replace a stale/incomplete folder
+        shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another rank finished first (same seed, same content)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve(name):
+    """`--model` value -> a local folder or hub id. "tiny" (the default) builds the built-in model."""
+    if name in (None, "", "tiny"):
+        return str(build_tiny())
+    return name
+
+
+def load(name, dtype=torch.float32, trust_remote_code=False, attn_impl=None):
+    """Load a causal LM and its tokenizer from a local folder or hub id (weights via safetensors)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = resolve(name)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if attn_impl is None:  # flash-attn when installed on GPU, else PyTorch's SDPA
+        import importlib.util
+        attn_impl = "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") \
+            else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 attn_implementation=attn_impl, use_safetensors=True)
+    return model, tok
+
+
+def hidden_states(model, input_ids, attention_mask=None):
+    """Final hidden states [B, T, D] of a HF causal LM: the decoder body without the lm_head."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def head_weight(model):
+    """The lm_head weight [V, D] (tied models share it with the input embedding)."""
+    return model.get_output_embeddings().weight
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+class WithHead(torch.nn.Module):
+    """Root module for FSDP2: runs the decoder body, then `head_fn(hidden, lm_head_weight)` inside one
+    forward, so the root's parameters (embedding, final norm, lm_head) are unsharded while the head
+    runs and their gradients are reduced like any other. head_fn is e.g. a `token_logprobs` call; it
+    never needs the full [tokens x vocab] logits. State-dict keys carry the prefix "lm."."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, head_fn):
+        return head_fn(hidden_states(self.lm, input_ids, attention_mask), head_weight(self.lm))
+
+
+def decoder_layers(lm):
+    """The repeated blocks to shard one by one (Qwen2/Llama/Mistral-style `model.layers`)."""
+    return list(lm.get_decoder().layers)
+
+
+def logprob_head(targets, temperature=1.0, with_entropy=True):
+    """head_fn for WithHead: per-token log-prob of `targets` [B, T] (-100 = not a response token) and
+    entropy of the tempered distribution, both [B, T], through the fused kernel (no full logits)."""
+    from common.kernels import token_logprobs
+
+    def head(hidden, weight):
+        logp, ent = token_logprobs(hidden.flatten(0, 1), weight, targets.flatten(), temperature, with_entropy)
+        # fresh tensors, not views: FSDP2's pre-backward hook must not sit on a view
+        return logp.reshape(targets.shape).clone(), (ent.reshape(targets.shape).clone() if ent is not None else None)
+    return head
+
+
+@torch.no_grad()
+def batched_logprobs(policy, ids, attn, targets, temperature, micro_batch, n_micro):
+    """No-grad per-token log-probs and entropies of a whole local batch, `n_micro` forwards of
+    `micro_batch` rows (n_micro is the max over ranks: FSDP needs the same number of calls on every
+    rank, so a rank with fewer rows repeats its first rows and drops the result)."""
+    logps, ents = torch.zeros(targets.shape), torch.zeros(targets.shape)
+    for k in range(n_micro):
+        rows = torch.arange(k * micro_batch, min((k + 1) * micro_batch, len(ids)))
+        fake = len(rows) == 0
+        r = torch.arange(min(1, len(ids))) if fake else rows
+        logp, ent = policy(ids[r], attn[r], logprob_head(targets[r], temperature))
+        if not fake:
+            logps[rows], ents[rows] = logp.float().cpu(), ent.float().cpu()
+    from common.dist import reshard
+    reshard(policy)
+    return logps, ents

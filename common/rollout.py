@@ -1,0 +1,268 @@
+"""Rollout: a colocated vLLM engine per rank (or a plain transformers fallback, --rollout hf) that
+generates responses and receives the trainer's new weights after every update.
+
+The engine lives in the trainer's own process (torchrun starts one process per rank; vLLM joins it
+with the `external_launcher` executor), so nothing is started by hand. On GPU the engine sleeps while
+the trainer updates (KV cache and weights released); `sync` wakes the weights, loads the new values,
+then wakes the KV cache, so the two never occupy memory together with the trainer's peak. On CPU
+sleep/wake are no-ops.
+
+Semantics shared by both backends: log-probs are those of the distribution actually sampled from
+(temperature and top-p applied, vLLM's "processed_logprobs"); a greedy sample's are at temperature 1.
+Sample j of prompt i is drawn with its own seed, a hash of (seed, i, j), so it does not depend on the
+rest of the batch.
+"""
+import os
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# vLLM must run in this process (weights are pushed by reference) and keep its CPU KV cache small.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+@dataclass
+class Sample:
+    prompt_ids: list
+    response_ids: list                            # EOS included when the sample stopped on it
+    text: str
+    finish: str                                   # "stop" (EOS) or "length" (max_new_tokens / max_model_len)
+    logprobs: list = field(default_factory=list)  # the engine's sampling log-prob of each response token
+
+
+def sample_seed(seed, i, j):
+    """Seed of sample j of prompt i: a hash of the three, so no two (seed, i, j) share a stream."""
+    return int(np.random.SeedSequence([seed % 2**63, i, j]).generate_state(1)[0]) % 2**31
+
+
+class Engine:
+    """generate(prompts, n, ...) -> [[Sample] * n (+1 greedy)] per prompt; sync(named tensors).
+    After each generate: last_gen_tokens, last_gen_seconds, last_tokens_per_s, last_truncated (the
+    fraction of samples cut at the length limit); after each sync: last_sync_seconds."""
+
+    def __init__(self, model, backend="vllm", seed=0, max_model_len=1024, gpu_memory_utilization=0.3,
+                 tensor_parallel_size=1, trust_remote_code=False, hf_model=None, tokenizer=None,
+                 sleep_mode=None, hf_batch_size=64):
+        self.backend, self.seed, self.max_model_len, self.hf_batch_size = backend, seed, max_model_len, hf_batch_size
+        self.on_gpu = torch.cuda.is_available()
+        self.sleep_mode = self.on_gpu and backend == "vllm" if sleep_mode is None else sleep_mode
+        self.asleep, self.weights_lost = set(), False  # released memory tags; weights discarded (level 2)
+        self.last_gen_tokens = self.last_gen_seconds = self.last_tokens_per_s = self.last_truncated = 0
+        self.last_sync_seconds = 0.0
+        self.ckpt_keys = _checkpoint_keys(model)
+        if backend == "hf":  # the trainer's tokenizer and a plain transformers model (kept in sync)
+            from common.model import load
+            self.model, self.tok = (hf_model, tokenizer) if hf_model is not None else \
+                load(model, trust_remote_code=trust_remote_code)
+            if hf_model is None:
+                self.model.to("cuda" if self.on_gpu else "cpu").eval()
+            self.tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+            return
+        from vllm import LLM
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        with _keep_rng():  # an in-process vLLM reseeds the global RNGs; the trainer keeps its own streams
+            self.llm = LLM(model=str(model), seed=seed, dtype="bfloat16" if self.on_gpu else "float32",
+                           enforce_eager=not self.on_gpu, max_model_len=max_model_len,
+                           gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                           distributed_executor_backend="external_launcher" if distributed else None,
+                           enable_sleep_mode=self.sleep_mode and self.on_gpu, logprobs_mode="processed_logprobs",
+                           trust_remote_code=trust_remote_code, enable_prefix_caching=True)
+        self.tok = self.llm.get_tokenizer()
+        self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False))
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=256, seed=0, greedy=False,
+                 ignore_eos=False):
+        """n samples per prompt at `temperature`/`top_p` (plus one greedy sample last when greedy=True).
+        ignore_eos: always generate max_new_tokens (benchmarks)."""
+        if self.asleep or self.weights_lost:
+            raise RuntimeError(f"engine asleep ({sorted(self.asleep)}): sync() or wake_up() before generate()")
+        jobs = [(i, j) for i in range(len(prompts)) for j in range(n + int(greedy))]
+        t0 = time.time()
+        if self.backend == "hf":
+            outs = self._hf_generate(prompts, jobs, n, temperature, top_p, max_new_tokens, seed, ignore_eos)
+        else:
+            from vllm import SamplingParams
+            params = [SamplingParams(n=1, max_tokens=max_new_tokens, logprobs=0, ignore_eos=ignore_eos,
+                                     temperature=0.0 if j == n else temperature, top_p=1.0 if j == n else top_p,
+                                     seed=sample_seed(seed, i, j)) for i, j in jobs]
+            res = self.llm.generate([prompts[i] for i, _ in jobs], params, use_tqdm=False)
+            outs = []
+            for r in res:
+                c = r.outputs[0]
+                lps = [d[t].logprob for d, t in zip(c.logprobs or [], c.token_ids)]
+                outs.append(Sample(list(r.prompt_token_ids), list(c.token_ids), c.text,
+                                   "length" if c.finish_reason == "length" else "stop", lps))
+        self.last_gen_seconds = time.time() - t0
+        self.last_gen_tokens = sum(len(o.response_ids) for o in outs)
+        self.last_tokens_per_s = self.last_gen_tokens / max(self.last_gen_seconds, 1e-9)
+        self.last_truncated = sum(o.finish == "length" for o in outs) / max(len(outs), 1)
+        grouped = [[] for _ in prompts]
+        for (i, _), o in zip(jobs, outs):
+            grouped[i].append(o)
+        return grouped
+
+    @torch.no_grad()
+    def _hf_generate(self, prompts, jobs, n, temperature, top_p, max_new_tokens, seed, ignore_eos):
+        """Batched token-by-token sampling with transformers: left-padded rows of `hf_batch_size`, a KV
+        cache, logits of the last position only. Each row samples with its own generator."""
+        dev = next(self.model.parameters()).device
+        eos = set() if ignore_eos else {self.tok.eos_token_id} | set(_as_list(self.model.generation_config.eos_token_id))
+        outs = []
+        for b in range(0, len(jobs), self.hf_batch_size):
+            chunk = jobs[b:b + self.hf_batch_size]
+            enc = [self.tok(prompts[i]).input_ids for i, _ in chunk]
+            if max(map(len, enc)) >= self.max_model_len:
+                raise ValueError(f"prompt of {max(map(len, enc))} tokens leaves no room in max_model_len={self.max_model_len}")
+            B, L = len(enc), max(map(len, enc))
+            ids = torch.tensor([[self.tok.pad_token_id] * (L - len(e)) + e for e in enc], device=dev)
+            attn = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc], device=dev)
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            greedy = torch.tensor([j == n or temperature == 0 for _, j in chunk], device=dev)
+            temp = torch.where(greedy, 1.0, float(temperature or 1.0))[:, None]
+            gens = [torch.Generator().manual_seed(sample_seed(seed, i, j)) for i, j in chunk]
+            limit = [min(max_new_tokens, self.max_model_len - len(e)) for e in enc]
+            resp, lps, finish, live = [[] for _ in chunk], [[] for _ in chunk], ["length"] * B, [k > 0 for k in limit]
+            past = None
+            while any(live):
+                out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past,
+                                 use_cache=True, logits_to_keep=1)
+                past, logits = out.past_key_values, out.logits[:, -1].float()
+                logp = (logits / temp).log_softmax(-1)
+                if top_p < 1.0:
+                    logp = torch.where(greedy[:, None], logp, _top_p(logp, top_p))
+                logp, nxt = logp.cpu(), logits.argmax(-1).cpu()
+                for r in range(B):
+                    if live[r]:
+                        if not greedy[r]:
+                            nxt[r] = torch.multinomial(logp[r].exp(), 1, generator=gens[r])[0]
+                        tok = int(nxt[r])
+                        resp[r].append(tok)
+                        lps[r].append(float(logp[r, tok]))
+                        if tok in eos:
+                            live[r], finish[r] = False, "stop"
+                        elif len(resp[r]) >= limit[r]:
+                            live[r] = False
+                ids, pos = nxt[:, None].to(dev), pos[:, -1:] + 1
+                attn = torch.cat([attn, attn.new_ones(B, 1)], 1)
+            outs += [Sample(e, r, self.tok.decode(r, skip_special_tokens=True), f, lp)
+                     for e, r, f, lp in zip(enc, resp, finish, lps)]
+        return outs
+
+    # ------------------------------------------------------------------ weights
+    def sync(self, named_tensors):
+        """Load new weights into the engine, one tensor at a time, then drop the prefix cache (its
+        KV entries were computed by the old weights). `named_tensors` yields (hf_name, tensor), e.g.
+        `dist.full_state_items(model)`, which streams the FSDP2 shards without a full copy. Every
+        checkpoint tensor must come: a missing one would keep its stale value, so that raises.
+        The model runner's `reload_weights` updates in place on CPU and GPU (plain `load_weights`
+        fails on the CPU backend, which repacks linear weights at start-up). Asleep on GPU: the weights
+        wake first, the KV cache only after loading."""
+        t0 = time.time()
+        seen = set()
+        stream = _tied_head(named_tensors, self.tied, seen)
+        if self.backend == "hf":
+            state = self.model.state_dict()  # detached views of the parameters
+            for name, t in stream:
+                if name not in state:
+                    raise KeyError(f"sync: the model has no weight {name!r}")
+                state[name].copy_(t)
+        else:
+            self.wake_up(["weights"])
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+            self.weights_lost = False
+            self.wake_up(["kv_cache"])
+            assert self.llm.reset_prefix_cache(), "prefix cache not reset (requests still running?)"
+        missing = (self.ckpt_keys or set()) - seen
+        if missing:
+            raise ValueError(f"sync: {len(missing)} weights were not sent, e.g. {sorted(missing)[:3]}; "
+                             "the engine keeps stale values for them")
+        self.last_sync_seconds = time.time() - t0
+
+    def sleep(self, level=2):
+        """Release KV cache and weights while the trainer updates (GPU sleep mode; a no-op on CPU).
+        Level 2 discards the weights (the next `sync` reloads them all, no CPU copy); level 1 offloads
+        them to CPU memory, so `wake_up()` alone brings the same weights back."""
+        if self.backend == "vllm" and self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=level)
+            self.asleep, self.weights_lost = {"weights", "kv_cache"}, level >= 2
+
+    def wake_up(self, tags=None):
+        """Re-allocate the released memory: tags None (all), ["weights"] or ["kv_cache"]."""
+        tags = [t for t in (tags or ["weights", "kv_cache"]) if t in self.asleep]
+        if tags:
+            self.llm.wake_up(tags=tags)
+            self.asleep -= set(tags)
+
+    def shutdown(self):
+        """Stop the engine; call it on every rank before `dist.cleanup()`. vLLM's teardown destroys its
+        own process groups and also the default torch.distributed group, so nothing may use it after."""
+        if self.backend == "vllm" and getattr(self, "llm", None) is not None:
+            import gc
+            import torch.distributed as tdist
+            if tdist.is_initialized() and tdist.get_world_size() > 1:
+                tdist.barrier()  # tear down together: no rank may still be inside a collective
+            eng = getattr(self.llm.llm_engine, "engine_core", None)
+            if eng is not None and hasattr(eng, "shutdown"):
+                eng.shutdown()
+            self.llm = None
+            gc.collect()
+
+
+def _tied_head(named_tensors, tied, seen):
+    """Pass (name, tensor) through, recording names in `seen`. Tied models: the embedding is also sent as
+    `lm_head.weight` right after it (vLLM's CPU backend packs a separate copy of the head, which would
+    otherwise stay stale), and any other `lm_head.weight` in the stream is dropped."""
+    for name, t in named_tensors:
+        if tied and name == "lm_head.weight":
+            continue
+        seen.add(name)
+        yield name, t
+        if tied and name == "model.embed_tokens.weight":
+            seen.add("lm_head.weight")
+            yield "lm_head.weight", t
+
+
+def _top_p(logp, p):
+    """Renormalised log-probs over the smallest set of most likely tokens with mass >= p (nucleus)."""
+    probs, order = logp.exp().sort(-1, descending=True)
+    drop = probs.cumsum(-1) - probs >= p
+    return logp.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf")).log_softmax(-1)
+
+
+def _as_list(x):
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _checkpoint_keys(path):
+    """Tensor names in a local safetensors checkpoint (None for a hub id): what `sync` must receive."""
+    from safetensors import safe_open
+    path = Path(str(path))
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    keys = set()
+    for f in files:
+        with safe_open(f, "pt") as fh:
+            keys |= set(fh.keys())
+    return keys or None
+
+
+@contextmanager
+def _keep_rng():
+    """Restore the python, numpy and torch (CPU and current GPU) RNG states after the block."""
+    state = random.getstate(), np.random.get_state(), torch.get_rng_state(), \
+        torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+        if state[3] is not None:
+            torch.cuda.set_rng_state(state[3])

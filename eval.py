@@ -1,0 +1,82 @@
+"""Evaluate a model: k samples per prompt -> unbiased pass@k, maj@k, distinct answers, response length.
+
+    python eval.py --model runs/grpo/hf                                   # built-in held-out split
+    python eval.py --model runs/grpo/hf --data ../shared/data/gsm8k_test.jsonl --limit 200 --k 8
+    torchrun --nproc_per_node 8 eval.py --model Qwen/Qwen2.5-Math-1.5B --data math500_test.jsonl \
+        --max-new-tokens 3072
+"""
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+from common import data, dist
+from common.evaluate import evaluate
+from common.model import resolve
+from common.rollout import Engine
+
+
+@dataclass
+class Args:
+    model: str = "tiny"                  # HF folder or hub id
+    data: str = "builtin"                # "builtin" (held-out split), .jsonl/.parquet, or hub id
+    limit: int = 0                       # evaluate only the first `limit` rows (0 = all)
+    k: int = 8                           # samples per prompt
+    ks: tuple[int, ...] = (1, 2, 4, 8)   # report pass@k for these k <= k
+    temperature: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    prompt_key: str = "question"
+    answer_key: str = "answer"
+    skip_bad_rows: bool = False
+    max_len: int = 4096
+    eval_size: int = 200                 # built-in held-out split size
+    difficulty: int = 2
+    max_num: int = 9
+    rollout: Literal["vllm", "hf"] = "vllm"
+    out: str = ""                        # JSON summary (default: <model>/eval_<data>.json or runs/eval.json)
+    samples: int = 3                     # prompts whose responses are printed / saved
+    trust_remote_code: bool = False
+
+
+def main(args: Args):
+    d = dist.setup(args.seed)
+    engine = Engine(resolve(args.model), args.rollout, seed=args.seed, max_model_len=args.max_len,
+                    trust_remote_code=args.trust_remote_code)
+    tok = engine.tok
+    if args.data == "builtin":
+        rows = data.builtin_split(0, args.eval_size, args.difficulty, args.max_num)[1]
+    else:
+        rows, skipped = data.load_rows(args.data, args.prompt_key, args.answer_key, tokenizer=tok,
+                                       max_len=args.max_len, skip_bad_rows=args.skip_bad_rows)
+        if skipped:
+            dist.print0(f"[eval] skipped {skipped} bad rows")
+    rows = rows[:args.limit] if args.limit else rows
+    t0 = time.time()
+    res, samples = evaluate(engine, rows, tok, k=args.k, temperature=args.temperature,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed,
+                            ks=[k for k in args.ks if k <= args.k], rank=d.rank, world=d.world, return_samples=True)
+    res = {"model": args.model, "data": args.data, "n_prompts": len(rows), "k": args.k,
+           "temperature": args.temperature, "seconds": round(time.time() - t0, 1), **res}
+    if d.main:
+        width = max(len(k) for k in res)
+        print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                        for k, v in res.items()))
+        for s in samples[:args.samples]:
+            print(f"\n### {s['question'][:200]!r} gold={s['gold']!r}\n" +
+                  "\n".join(f"  [{r:.0f}] {t[:200]!r}" for t, r in zip(s["responses"], s["rewards"])))
+        model_dir = Path(resolve(args.model))
+        out = Path(args.out) if args.out else \
+            model_dir / f"eval_{Path(args.data).stem}.json" if model_dir.is_dir() else Path("runs/eval.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**res, "args": asdict(args), "samples": samples[:args.samples]}, indent=1))
+        print(f"\n[eval] wrote {out}")
+    engine.shutdown()
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,66 @@
+"""torchrun helper for tests/test_rollout.py: every rank trains an FSDP2 model one step, pushes the new
+weights into its own colocated vLLM engine and writes what it saw to OUT_DIR/rank{r}.json.
+
+    torchrun --standalone --nproc_per_node 2 tests/_rollout_worker.py MODEL_DIR OUT_DIR
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import dist  # noqa: E402
+from common import model as M  # noqa: E402
+from common.rollout import Engine  # noqa: E402
+
+T = 0.8  # sampling temperature: the trainer's log-probs are tempered the same way
+
+
+def main(model_dir, out_dir):
+    d = dist.setup(seed=0)
+    lm, tok = M.load(model_dir)
+    policy = dist.wrap_fsdp(M.WithHead(lm), M.decoder_layers(lm), d.device)
+    engine = Engine(model_dir, seed=0, max_model_len=128)
+    prompts = [f"{d.rank}:12+34=", f"{d.rank}:hello"]
+    gen = lambda seed: [s for g in engine.generate(prompts, n=2, temperature=T, max_new_tokens=12, seed=seed) for s in g]
+
+    def trainer_logprobs(samples):  # one sequence per forward: every rank runs the same number
+        out = []
+        for s in samples:
+            ids = torch.tensor([s.prompt_ids + s.response_ids])
+            tgt = torch.full_like(ids, -100)
+            tgt[0, len(s.prompt_ids) - 1:-1] = ids[0, len(s.prompt_ids):]
+            head = lambda h, w: (h @ w.T / T).log_softmax(-1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
+            with torch.no_grad():
+                out += policy(ids, torch.ones_like(ids), head)[tgt != -100].tolist()
+        dist.reshard(policy)
+        return out
+
+    pre = gen(7)
+    # one large optimizer step on rank-specific data (FSDP averages the gradients)
+    opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+    ids = torch.tensor([tok(f"{d.rank}:1+1=2;2+2=4").input_ids + [tok.eos_token_id]])
+    ce = lambda h, w: F.cross_entropy((h @ w.T)[0, :-1], ids[0, 1:])
+    policy(ids, torch.ones_like(ids), ce).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    engine.sync(dist.full_state_items(policy))
+
+    post, again, other = gen(7), gen(7), gen(8)
+    eng_post = [x for s in post for x in s.logprobs]
+    eng_pre = [x for s in pre for x in s.logprobs]
+    tr_post, tr_pre = trainer_logprobs(post), trainer_logprobs(pre)  # trainer after the step
+    mad = lambda a, b: (torch.tensor(a) - torch.tensor(b)).abs().mean().item()
+    res = {"rank": d.rank, "gap_after_sync": mad(eng_post, tr_post), "step_change": mad(eng_pre, tr_pre),
+           "same_seed_equal": [s.response_ids for s in post] == [s.response_ids for s in again],
+           "other_seed_differs": [s.response_ids for s in post] != [s.response_ids for s in other],
+           "tokens": [s.response_ids for s in post], "tied": engine.tied}
+    Path(out_dir, f"rank{d.rank}.json").write_text(json.dumps(res))
+    engine.shutdown()
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,159 @@
+"""common.kernels.token_logprobs (chunked torch and Triton) vs a float64 log_softmax of the full logits.
+
+On CPU the Triton kernels run under the interpreter, which needs TRITON_INTERPRET=1 before triton builds
+them; another test module in the same pytest process (vLLM) may have imported triton already, and the
+variable would also change how their kernels run. So on CPU the Triton cases run once, together, in a
+fresh subprocess (this file run as a script) and the tests check the errors it reports."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from common import kernels as K  # noqa: E402
+
+TOL = 1e-4
+# (N, D, V, temperature): N not a multiple of any block, V odd / not a multiple of the tile
+CASES = {"V1000-T0.7": (37, 16, 1000, 0.7), "V1001-T1": (37, 16, 1001, 1.0), "V50257-T0.7": (37, 16, 50257, 0.7)}
+# small tiles so every case has several row blocks / vocab tiles / vocab splits (the interpreter is slow:
+# the big vocabulary gets wide tiles)
+CHUNKS = {"V1000-T0.7": (16, 128), "V1001-T1": (16, 128), "V50257-T0.7": (16, 1024)}
+BLOCKS = {"V1000-T0.7": (16, 128), "V1001-T1": (16, 128), "V50257-T0.7": (64, 1024)}
+
+
+def naive(h, w, y, temperature, ignore_index=-100):
+    """Reference: full logits in float64."""
+    lp = ((h.double() @ w.double().T) / temperature).log_softmax(-1)
+    valid = y != ignore_index
+    logp = lp.gather(1, y.clamp(min=0)[:, None])[:, 0] * valid
+    return logp, -(lp.exp() * lp).sum(-1) * valid
+
+
+def errors(impl, N, D, V, temperature, dtype=torch.float32, device="cpu", seed=0):
+    """max |x - ref| / (1 + |ref|) of logp, entropy, d hidden and d weight under a loss that uses both outputs."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g).to(device, dtype).requires_grad_()
+    w = (torch.randn(V, D, generator=g) * 0.5).to(device, dtype).requires_grad_()
+    y = torch.randint(0, V, (N,), generator=g).to(device)
+    y[::4] = -100  # ignored positions
+    a, b = torch.randn(N, generator=g).to(device), torch.randn(N, generator=g).to(device)
+    out = []
+    for fn in (lambda *x: K.token_logprobs(*x, impl=impl), naive):
+        logp, ent = fn(h, w, y, temperature)
+        ((logp * a).sum() + (ent * b).sum()).backward()
+        out.append([logp, ent, h.grad, w.grad])
+        h.grad = w.grad = None
+    (logp, ent, dh, dw), ref = out
+    assert logp.dtype == ent.dtype == torch.float32 and dh.dtype == dw.dtype == dtype
+    assert (logp[::4] == 0).all() and (ent[::4] == 0).all() and (dh[::4] == 0).all()
+    return {k: ((x.double() - r).abs() / (1 + r.abs())).max().item() for k, x, r in zip(("logp", "ent", "dh", "dw"), out[0], ref)}
+
+
+# ----------------------------------------------------------------------------- chunked (pure torch)
+
+@pytest.mark.parametrize("case", CASES)
+def test_chunked_matches_reference(case, monkeypatch):
+    monkeypatch.setattr(K, "CHUNK_ROWS", CHUNKS[case][0])
+    monkeypatch.setattr(K, "CHUNK_COLS", CHUNKS[case][1])
+    err = errors("chunked", *CASES[case])
+    assert max(err.values()) < TOL, err
+
+
+def test_chunked_bf16_inputs():
+    err = errors("chunked", 37, 16, 1001, 0.7, dtype=torch.bfloat16)
+    assert err["logp"] < TOL and err["ent"] < TOL, err  # fp32 math inside: only the outputs' rounding differs
+    assert err["dh"] < 1e-2 and err["dw"] < 1e-2, err  # grads come back in bf16
+
+
+def test_chunked_never_materialises_logits(monkeypatch):
+    """Record every tensor that aten produces during forward + backward: none is as big as [N, V]."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Biggest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Biggest.numel = max(Biggest.numel, t.numel())
+            return out
+
+    N, D, V = 300, 16, 1000
+    h, w, y = torch.randn(N, D, requires_grad=True), torch.randn(V, D, requires_grad=True), torch.randint(0, V, (N,))
+    ref = K.token_logprobs(h, w, y)  # default chunks: one tile covers everything here
+    monkeypatch.setattr(K, "CHUNK_ROWS", 64)
+    monkeypatch.setattr(K, "CHUNK_COLS", 128)
+    with Biggest():
+        logp, ent = K.token_logprobs(h, w, y)
+        (logp.sum() + ent.sum()).backward()
+    assert Biggest.numel <= V * D < N * V  # the largest tensor is the weight gradient itself
+    torch.testing.assert_close((logp, ent), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_no_entropy_leading_dims_and_impl_override(monkeypatch):
+    h, w = torch.randn(2, 5, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    y = torch.randint(0, 50, (2, 5))
+    logp, ent = K.token_logprobs(h, w, y, temperature=0.5, with_entropy=False)
+    assert ent is None and logp.shape == (2, 5)
+    logp.sum().backward()
+    ref = naive(h.detach().reshape(10, 8), w.detach(), y.reshape(10), 0.5)[0]
+    torch.testing.assert_close(logp.reshape(10).double(), ref, atol=1e-5, rtol=1e-5)
+    assert h.grad.shape == h.shape and w.grad is not None
+    y[:] = -100  # nothing scored: zeros and zero grads
+    logp, ent = K.token_logprobs(h, w, y)
+    (logp.sum() + ent.sum()).backward()
+    assert not logp.any() and not ent.any()
+    monkeypatch.setenv("RL_LOGPROB_IMPL", "nope")  # the env var overrides "auto"
+    with pytest.raises(ValueError):
+        K.token_logprobs(h, w, y)
+
+
+# ----------------------------------------------------------------------------- triton
+
+def _triton_errors(case):
+    K.TRITON_BLOCKS.update(BN=BLOCKS[case][0], BV=BLOCKS[case][1], BD=16)
+    return errors("triton", *CASES[case])
+
+
+@pytest.fixture(scope="module")
+def triton_errors():
+    """{case: errors}: in-process on CUDA, else one interpreter subprocess for all cases."""
+    if torch.cuda.is_available():
+        return {case: _triton_errors(case) for case in CASES}
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_matches_reference(case, triton_errors):
+    err = triton_errors[case]
+    assert max(err.values()) < TOL, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_gpu_bf16_vs_fp32_reference(impl):
+    err = errors(impl, 300, 256, 50257, 0.7, dtype=torch.bfloat16, device="cuda")
+    assert err["logp"] < 1e-3 and err["ent"] < 1e-3, err  # bf16 inputs, fp32 accumulation
+    assert err["dh"] < 2e-2 and err["dw"] < 2e-2, err  # dz goes through bf16 into the grad matmuls
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_auto_fp32_matches_reference(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # tl.dot in full fp32 then
+    err = errors("auto", 300, 256, 50257, 0.7, device="cuda")
+    assert max(err.values()) < TOL, err
+
+
+if __name__ == "__main__":  # the interpreter subprocess of triton_errors()
+    print(json.dumps({case: _triton_errors(case) for case in CASES}))
