@@ -54,18 +54,25 @@ class Args:
     skip_bad_rows: bool = False
     eval_data: str = ""                  # held-out file (default: last rows of --data, or the task's split)
     # built-in task
-    train_size: int = 9600
+    train_size: int = 12000
     eval_size: int = 200
     difficulty: int = 2                  # operations per problem
     max_num: int = 5                     # operands are 1..max_num
-    flawed_frac: float = 0.25            # fraction of demonstrations with an arithmetic slip
+    flawed_frac: float = 0.1             # fraction of demonstrations with an arithmetic slip
     # evaluation (k samples per held-out prompt at eval_temperature)
     eval_k: int = 8                      # 0 = no evaluation
     eval_temperature: float = 1.0
     max_new_tokens: int = 64
     rollout: Literal["vllm", "hf"] = "vllm"
     track: Literal["none", "wandb", "tensorboard"] = "none"
+    log_every: int = 10
     trust_remote_code: bool = False
+    # checkpoints and faults
+    save_every: int = 100                # sharded checkpoint every N steps (and at the end / on SIGTERM)
+    keep_last: int = 2                   # complete checkpoints kept (0 = all)
+    resume: bool = False                 # continue from the latest complete checkpoint in out_dir
+    max_bad_steps: int = 5               # abort after this many consecutive non-finite steps
+    inject_nan: tuple[int, ...] = ()     # fault injection for tests: steps whose loss is made NaN
 
 
 def gem_loss(logits, targets, beta, h="linear"):
@@ -108,9 +115,14 @@ def main(args: Args):
     warmup = max(1, int(args.warmup_frac * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
         0.5 * (1 + math.cos(math.pi * min(1.0, s / total))) if args.schedule == "cosine" else 1.0))
-    log = Logger(out, total, d.main, None if args.track == "none" else args.track, out.name, asdict(args))
+    stop, guard = checkpoint.StopFlag(), checkpoint.BadStepGuard(args.max_bad_steps, out)
+    start = 0
+    if args.resume and (ckpt := checkpoint.latest(out)):
+        start = checkpoint.resume(ckpt, policy, opt, sched)["step"]
+        dist.print0(f"[gem_sft] resumed from {ckpt} at step {start}")
+    log = Logger(out, total, d.main, None if args.track == "none" else args.track, out.name, asdict(args), start)
 
-    for step in range(total):
+    for step in range(start, total):
         t0 = time.time()
         epoch, pos = divmod(step, steps_per_epoch)
         perm = np.random.default_rng(args.seed + epoch).permutation(len(train))  # same order on every rank
@@ -132,17 +144,27 @@ def main(args: Args):
                 return loss.sum(), ce.detach().sum(), ent.detach().sum()
 
             loss_sum, ce_sum, ent_sum = policy(ids, mask, head)
+            if step + 1 in args.inject_nan:
+                loss_sum = loss_sum * float("nan")
             # FSDP averages gradients over ranks; scale by world so the result is the global token-mean
             (loss_sum / n_tokens * d.world).backward()
             sums["loss"] += loss_sum.item(); sums["ce_loss"] += ce_sum.item(); sums["entropy"] += ent_sum.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        if guard.check(math.isfinite(grad_norm.item())):  # a non-finite step is skipped and counted
+            opt.step()
+        sched.step(); opt.zero_grad(set_to_none=True)
         m = {f"train/{k}": v * d.world for k, v in dist.mean_metrics(sums, {k: n_tokens for k in sums}).items()}
         m |= {"train/grad_norm": grad_norm.item(), "train/lr": sched.get_last_lr()[0], "train/epoch": epoch,
-              "train/tokens_per_s": n_tokens / (time.time() - t0)}
-        if step % 10 == 0 or step == total - 1:
+              "train/tokens_per_s": n_tokens / (time.time() - t0), "train/bad_steps": guard.total}
+        if step % args.log_every == 0 or step == total - 1 or not math.isfinite(grad_norm.item()):
             log.log(step + 1, m, ["train/loss", "train/ce_loss", "train/entropy", "train/grad_norm"])
+        stopping = stop.should_stop()
+        if ((step + 1) % args.save_every == 0 or step + 1 == total or stopping) and not guard.consecutive:
+            checkpoint.save(out, step + 1, policy, opt, sched, keep_last=args.keep_last)
+        if stopping:
+            dist.print0(f"[gem_sft] stopped by signal after step {step + 1}; resume with --resume")
+            return dist.cleanup()
 
     hf_dir = checkpoint.export_hf(policy, tok, out / "hf", d.main)
     dist.print0(f"[gem_sft] saved {hf_dir}")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import tyro
 
-from common import data, dist, losses, model as M, rewards
+from common import checkpoint, data, dist, losses, model as M, rewards
 from common.evaluate import evaluate
 from common.metrics import Logger
 from common.rollout import Engine
@@ -31,15 +31,15 @@ class Args:
     model: str = "runs/gem_sft-gem/hf"   # cold-start checkpoint (printed by gem_sft.py), HF folder or hub id
     data: str = "builtin"                # "builtin", a .jsonl/.parquet file, or a hub id (name[:split])
     out_dir: str = ""                    # default runs/reinforce_rej
-    steps: int = 40                      # RL steps (one rollout batch each)
+    steps: int = 100                     # RL steps (one rollout batch each)
     prompts_per_step: int = 32           # P, global
     n_samples: int = 8                   # n, responses per prompt (the group)
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
-    mini_batches: int = 1                # optimizer steps per rollout batch
-    ppo_epochs: int = 1                  # passes over the rollout batch
-    micro_batch_size: int = 128          # sequences per forward/backward on one rank
+    mini_batches: int = 4                # optimizer steps per rollout batch (the authors used 4)
+    ppo_epochs: int = 2                  # passes over the rollout batch
+    micro_batch_size: int = 64           # sequences per forward/backward on one rank
     lr: float = 1e-4                     # built-in model; real models: 1e-6
     weight_decay: float = 0.01
     warmup_steps: int = 0
@@ -66,13 +66,20 @@ class Args:
     difficulty: int = 2
     max_num: int = 5
     # evaluation, logging
-    eval_every: int = 10
+    eval_every: int = 20
     eval_k: int = 4
     eval_temperature: float = 1.0
     rollout: Literal["vllm", "hf"] = "vllm"
     gpu_memory_utilization: float = 0.3
     track: Literal["none", "wandb", "tensorboard"] = "none"
     trust_remote_code: bool = False
+    # checkpoints and faults
+    save_every: int = 50                 # sharded checkpoint every N steps (and at the end / on SIGTERM)
+    keep_last: int = 2                   # complete checkpoints kept (0 = all)
+    export_every_save: bool = False      # also write an HF folder (safetensors) at every checkpoint
+    resume: bool = False                 # continue from the latest complete checkpoint in out_dir
+    max_bad_steps: int = 5               # abort after this many consecutive non-finite steps
+    inject_nan: tuple[int, ...] = ()     # fault injection for tests: steps whose loss is made NaN
 
 
 def reject_advantages(r, scale="pm1"):
@@ -96,7 +103,14 @@ def main(args: Args):
         0.5 * (1 + math.cos(math.pi * s / args.steps)) if args.schedule == "cosine" else 1.0))
     engine = Engine(M.resolve(args.model), args.rollout, seed=args.seed, max_model_len=args.max_len,
                     gpu_memory_utilization=args.gpu_memory_utilization, trust_remote_code=args.trust_remote_code)
-    log = Logger(out, args.steps, d.main, None if args.track == "none" else args.track, out.name, asdict(args))
+    stop, guard = checkpoint.StopFlag(), checkpoint.BadStepGuard(args.max_bad_steps, out)
+    start = 0
+    if args.resume and (ckpt := checkpoint.latest(out)):
+        st = checkpoint.resume(ckpt, policy, opt, sched)
+        start, ref_shards = st["step"], st["extra"]["ref"]
+        engine.sync(dist.full_state_items(policy))  # the engine started from the initial weights
+        dist.print0(f"[reinforce_rej] resumed from {ckpt} at step {start}")
+    log = Logger(out, args.steps, d.main, None if args.track == "none" else args.track, out.name, asdict(args), start)
     P = args.prompts_per_step // d.world  # prompts per rank
     per_epoch = len(train_rows) // args.prompts_per_step
 
@@ -105,8 +119,9 @@ def main(args: Args):
                       max_new_tokens=args.max_new_tokens, seed=10_000 + step, rank=d.rank, world=d.world)
         log.log(step, {f"eval/{k}": v for k, v in ev.items()}, ["eval/pass@1", f"eval/pass@{args.eval_k}"])
 
-    run_eval(0)
-    for step in range(args.steps):
+    if start == 0:
+        run_eval(0)
+    for step in range(start, args.steps):
         t = {"start": time.time()}
         # 1. sample prompts (same permutation on every rank; each rank takes its slice) and generate
         epoch, pos = divmod(step, per_epoch)
@@ -140,7 +155,8 @@ def main(args: Args):
         adv, keep = adv.flatten(), keep.flatten()
         # 5. clipped policy-gradient update over mini-batches (global token counts as denominators)
         rows_all = torch.nonzero(keep)[:, 0]
-        stats = {"loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0, "bad_steps": 0.0}
+        stats = {"loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}  # means over the updates
+        n_updates = args.mini_batches * args.ppo_epochs
         for _ in range(args.ppo_epochs):
             for mb in torch.tensor_split(rows_all[torch.randperm(len(rows_all))], args.mini_batches):
                 n_tok = dist.all_reduce(mask[mb].sum().item())
@@ -161,19 +177,17 @@ def main(args: Args):
                     if args.kl_coef > 0 and args.kl_in == "loss":
                         loss_t = loss_t + args.kl_coef * losses.kl(logp, ref_logp[rows], args.kl_estimator)
                     agg = lambda x: losses.aggregate(x, m, args.loss_agg, n_tok, n_seq, args.max_new_tokens)
-                    loss = agg(loss_t) * weight
+                    loss = agg(loss_t) * weight * (float("nan") if step + 1 in args.inject_nan else 1.0)
                     (loss * d.world).backward()  # FSDP averages over ranks; the denominators are global
-                    stats["loss"] += loss.item()
-                    stats["clip_frac"] += (clipped * m).sum().item() * weight / n_tok
-                    stats["entropy"] += (ent.detach() * m).sum().item() * weight / n_tok
+                    stats["loss"] += loss.item() / n_updates
+                    stats["clip_frac"] += (clipped * m).sum().item() * weight / n_tok / n_updates
+                    stats["entropy"] += (ent.detach() * m).sum().item() * weight / n_tok / n_updates
                 gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
                 gn = (gn.full_tensor() if hasattr(gn, "full_tensor") else gn).item()
-                if math.isfinite(gn):
+                if guard.check(math.isfinite(gn)):  # a non-finite step is skipped and counted
                     opt.step()
-                else:
-                    stats["bad_steps"] += 1
                 opt.zero_grad(set_to_none=True)
-                stats["grad_norm"] += gn / args.mini_batches / args.ppo_epochs
+                stats["grad_norm"] += gn / n_updates
         sched.step()
         t["update"] = time.time()
         # 6. push the new weights into the engine (streamed shard by shard)
@@ -191,7 +205,8 @@ def main(args: Args):
                  "logprob_gap": gap, "reward_failures": rstats["timeouts"] + rstats["errors"]}
         counts |= {"zero_var_groups": P, "kl_ref": mask.sum().item(), "logprob_gap": mask.sum().item(),
                    "reward_failures": 1.0 / d.world}
-        m = dist.mean_metrics(sums, counts) | {k: v for k, v in stats.items() if k in ("grad_norm", "bad_steps")}
+        m = dist.mean_metrics(sums, counts) | {k: v for k, v in stats.items() if k == "grad_norm"}
+        m["bad_steps"] = guard.total
         m |= dict(zip(["loss", "clip_frac", "entropy"], dist.all_reduce([stats[k] for k in ("loss", "clip_frac", "entropy")]).tolist()))
         m["adv_std"] = max(m.pop("adv_sq") - m["adv_mean"] ** 2, 0.0) ** 0.5
         m["gen_tokens_per_s"] = dist.all_reduce(engine.last_gen_tokens) / (t["generate"] - t["start"])
@@ -200,8 +215,16 @@ def main(args: Args):
                 ["train/reward", "train/accuracy", "train/entropy", "train/kl_ref", "train/clip_frac"])
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             run_eval(step + 1)
-    from common import checkpoint
-    checkpoint.export_hf(policy, tok, out / "hf", d.main)
+        stopping = stop.should_stop()
+        if ((step + 1) % args.save_every == 0 or step + 1 == args.steps or stopping) and not guard.consecutive:
+            path = checkpoint.save(out, step + 1, policy, opt, sched, extra={"ref": ref_shards}, keep_last=args.keep_last)
+            if args.export_every_save:
+                checkpoint.export_hf(policy, tok, path / "hf", d.main)
+        if stopping:
+            dist.print0(f"[reinforce_rej] stopped by signal after step {step + 1}; resume with --resume")
+            break
+    else:
+        checkpoint.export_hf(policy, tok, out / "hf", d.main)
     engine.shutdown()
     dist.cleanup()
 

@@ -9,13 +9,13 @@ finished, so a crash mid-save leaves the previous checkpoint the newest complete
 DCP pickles its own metadata: resume only from checkpoints your runs wrote. The per-rank files are
 read with torch.load(weights_only=True), meta.json is JSON.
 
-    stop, guard = checkpoint.StopFlag(), checkpoint.BadStepGuard(5, out)
-    start, ckpt = 0, checkpoint.latest(out)
+    stop, guard = checkpoint.StopFlag(), checkpoint.BadStepGuard(5, out)  # after dist.setup
+    start, ckpt = 0, checkpoint.latest(out)  # every rank (shared filesystem)
     if ckpt:
         st = checkpoint.resume(ckpt, policy, opt, sched); start, ref_shards = st["step"], st["extra"]["ref"]
     for step in range(start, total):
-        ...; loss.backward(); gn = clip_grad_norm_(...)
-        if guard.check(math.isfinite(loss.item()) and math.isfinite(gn)): opt.step(); sched.step()
+        ...; loss.backward(); gn = clip_grad_norm_(...).full_tensor().item()
+        if guard.check(math.isfinite(gn)): opt.step(); sched.step()
         opt.zero_grad(set_to_none=True)
         stopping = stop.should_stop()
         if (step + 1) % save_every == 0 or step + 1 == total or stopping:

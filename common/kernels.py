@@ -110,7 +110,7 @@ def _chunked_stats(h, w, inv_t, with_entropy):
             e = z.sub_(m).exp()  # z now holds z - m
             out[0, k, r0:r0 + rows], out[1, k, r0:r0 + rows] = m.squeeze(1), e.sum(1)
             if with_entropy:
-                out[2, k, r0:r0 + rows] = e.mul_(z).sum(1)
+                out[2, k, r0:r0 + rows] = torch.linalg.vecdot(e, z)
     return out[0], out[1], out[2] if with_entropy else None
 
 
@@ -121,7 +121,8 @@ def _chunked_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw):
     N, V = len(h), len(w)
     dh = torch.zeros(N, h.shape[1], device=h.device) if need_dh else None
     dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_dw else None
-    c = -(a + b * ent) if b is not None else -a  # dz = p * (c - b log p)
+    # dz = -p (a + b (log p + H)) = p (c - b z) with c = b lse - a - b H, since log p = z - lse
+    c = b * (lse - ent) - a if b is not None else -a
     for v0 in range(0, V, cols):
         wv = w[v0:v0 + cols].float()
         acc = None
@@ -129,9 +130,9 @@ def _chunked_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw):
             acc = dw[v0:v0 + cols] if dw.dtype == torch.float32 else torch.empty(len(wv), w.shape[1], device=w.device)
         for i, r0 in enumerate(range(0, N, rows)):
             r = slice(r0, r0 + rows)
-            z = (hs[r] @ wv.T).sub_(lse[r, None])  # log p
-            dz = z.exp()
-            dz.mul_(z.mul_(-b[r, None]).add_(c[r, None]) if b is not None else c[r, None])
+            z = hs[r] @ wv.T
+            dz = (z - lse[r, None]).exp_()  # p
+            dz.mul_(torch.addcmul(c[r, None], z, b[r, None], value=-1, out=z) if b is not None else c[r, None])
             if need_dh:
                 dh[r].addmm_(dz, wv)
             if need_dw:

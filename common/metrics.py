@@ -9,9 +9,14 @@ from pathlib import Path
 
 
 class Logger:
-    def __init__(self, out_dir, total_steps, main=True, track=None, run_name=None, config=None):
+    def __init__(self, out_dir, total_steps, main=True, track=None, run_name=None, config=None, start_step=0):
+        """A fresh run (start_step 0) starts a new metrics.jsonl; a resumed one keeps the rows up to
+        start_step and drops those a killed run wrote after its last checkpoint."""
         self.main, self.total, self.t0 = main, total_steps, time.time()
         self.path = Path(out_dir) / "metrics.jsonl"
+        if main:
+            keep = [r for r in read(self.path) if r["step"] <= start_step] if start_step and self.path.exists() else []
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         self.sinks = []
         if main and track == "wandb":
             import wandb

@@ -18,15 +18,26 @@ SPECIALS = ["<|endoftext|>", "<unk>"]
 TINY_DIR = Path(__file__).resolve().parents[1] / "runs" / "tiny-init"
 
 
+def _byte_symbols():
+    """GPT-2's reversible byte -> printable unicode map (space -> 'Ġ', newline -> 'Ċ')."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    extra = [b for b in range(256) if b not in keep]
+    return {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(extra)}
+
+
 def build_tokenizer():
-    """A character-level fast tokenizer: one token per character, EOS = <|endoftext|>."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A character-level fast tokenizer: one token per character, EOS = <|endoftext|>. It is a byte-level
+    BPE with no merges, so it tokenizes the same way when transformers loads it as a Qwen2 tokenizer
+    (which re-applies Qwen's byte-level pre-tokenizer) — and so vLLM sees the same ids as the trainer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    sym = _byte_symbols()
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + [sym[ord(c)] for c in CHARS])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                    unk_token="<unk>", model_max_length=1024)
 

@@ -12,6 +12,7 @@ Semantics shared by both backends: log-probs are those of the distribution actua
 Sample j of prompt i is drawn with its own seed, a hash of (seed, i, j), so it does not depend on the
 rest of the batch.
 """
+import json
 import os
 import random
 import time
@@ -38,8 +39,9 @@ class Sample:
 
 
 def sample_seed(seed, i, j):
-    """Seed of sample j of prompt i: a hash of the three, so no two (seed, i, j) share a stream."""
-    return int(np.random.SeedSequence([seed % 2**63, i, j]).generate_state(1)[0]) % 2**31
+    """Seed of sample j of prompt i: a 63-bit hash of the three (distinct triples never collide in practice,
+    unlike seed + i * k + j schemes)."""
+    return int(np.random.SeedSequence([seed % 2**63, i, j]).generate_state(1, np.uint64)[0]) % 2**63
 
 
 class Engine:
@@ -59,6 +61,7 @@ class Engine:
         self.ckpt_keys = _checkpoint_keys(model)
         if backend == "hf":  # the trainer's tokenizer and a plain transformers model (kept in sync)
             from common.model import load
+            assert (hf_model is None) == (tokenizer is None), "pass hf_model and tokenizer together"
             self.model, self.tok = (hf_model, tokenizer) if hf_model is not None else \
                 load(model, trust_remote_code=trust_remote_code)
             if hf_model is None:
@@ -66,8 +69,10 @@ class Engine:
             self.tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
             return
         from vllm import LLM
+        import logging  # vLLM warns on every in-place reload that the rotary cache has no checkpoint weights
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        with _keep_rng():  # an in-process vLLM reseeds the global RNGs; the trainer keeps its own streams
+        with _keep_process_state():  # the trainer keeps its RNG streams and thread control
             self.llm = LLM(model=str(model), seed=seed, dtype="bfloat16" if self.on_gpu else "float32",
                            enforce_eager=not self.on_gpu, max_model_len=max_model_len,
                            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
@@ -83,7 +88,7 @@ class Engine:
         """n samples per prompt at `temperature`/`top_p` (plus one greedy sample last when greedy=True).
         ignore_eos: always generate max_new_tokens (benchmarks)."""
         if self.asleep or self.weights_lost:
-            raise RuntimeError(f"engine asleep ({sorted(self.asleep)}): sync() or wake_up() before generate()")
+            raise RuntimeError("engine asleep: sync() before generate() (or wake_up() after sleep(level=1))")
         jobs = [(i, j) for i in range(len(prompts)) for j in range(n + int(greedy))]
         t0 = time.time()
         if self.backend == "hf":
@@ -93,7 +98,8 @@ class Engine:
             params = [SamplingParams(n=1, max_tokens=max_new_tokens, logprobs=0, ignore_eos=ignore_eos,
                                      temperature=0.0 if j == n else temperature, top_p=1.0 if j == n else top_p,
                                      seed=sample_seed(seed, i, j)) for i, j in jobs]
-            res = self.llm.generate([prompts[i] for i, _ in jobs], params, use_tqdm=False)
+            with _keep_process_state():  # vLLM's sampler also draws from the global RNG, even for seeded rows
+                res = self.llm.generate([prompts[i] for i, _ in jobs], params, use_tqdm=False)
             outs = []
             for r in res:
                 c = r.outputs[0]
@@ -114,14 +120,15 @@ class Engine:
         """Batched token-by-token sampling with transformers: left-padded rows of `hf_batch_size`, a KV
         cache, logits of the last position only. Each row samples with its own generator."""
         dev = next(self.model.parameters()).device
-        eos = set() if ignore_eos else {self.tok.eos_token_id} | set(_as_list(self.model.generation_config.eos_token_id))
+        eos = {self.tok.eos_token_id} | set(_as_list(self.model.generation_config.eos_token_id))
+        eos = set() if ignore_eos else eos
         outs = []
         for b in range(0, len(jobs), self.hf_batch_size):
             chunk = jobs[b:b + self.hf_batch_size]
             enc = [self.tok(prompts[i]).input_ids for i, _ in chunk]
-            if max(map(len, enc)) >= self.max_model_len:
-                raise ValueError(f"prompt of {max(map(len, enc))} tokens leaves no room in max_model_len={self.max_model_len}")
             B, L = len(enc), max(map(len, enc))
+            if L >= self.max_model_len:
+                raise ValueError(f"a prompt of {L} tokens leaves no room in max_model_len={self.max_model_len}")
             ids = torch.tensor([[self.tok.pad_token_id] * (L - len(e)) + e for e in enc], device=dev)
             attn = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc], device=dev)
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -242,22 +249,25 @@ def _as_list(x):
 
 
 def _checkpoint_keys(path):
-    """Tensor names in a local safetensors checkpoint (None for a hub id): what `sync` must receive."""
-    from safetensors import safe_open
+    """Tensor names of a local transformers safetensors checkpoint (None otherwise, e.g. a hub id): what
+    `sync` must receive."""
     path = Path(str(path))
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-    keys = set()
-    for f in files:
-        with safe_open(f, "pt") as fh:
-            keys |= set(fh.keys())
-    return keys or None
+    if (path / "model.safetensors.index.json").exists():
+        return set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"])
+    if (path / "model.safetensors").exists():
+        from safetensors import safe_open
+        with safe_open(path / "model.safetensors", "pt") as f:
+            return set(f.keys())
+    return None
 
 
 @contextmanager
-def _keep_rng():
-    """Restore the python, numpy and torch (CPU and current GPU) RNG states after the block."""
+def _keep_process_state():
+    """An in-process vLLM reseeds the global RNGs and disables `torch.set_num_threads` (meant for its own
+    worker processes): restore the python, numpy and torch (CPU, current GPU) RNG states and the function."""
     state = random.getstate(), np.random.get_state(), torch.get_rng_state(), \
         torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    set_num_threads = torch.set_num_threads
     try:
         yield
     finally:
@@ -266,3 +276,4 @@ def _keep_rng():
         torch.set_rng_state(state[2])
         if state[3] is not None:
             torch.cuda.set_rng_state(state[3])
+        torch.set_num_threads = set_num_threads

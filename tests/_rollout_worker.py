@@ -24,7 +24,9 @@ def main(model_dir, out_dir):
     policy = dist.wrap_fsdp(M.WithHead(lm), M.decoder_layers(lm), d.device)
     engine = Engine(model_dir, seed=0, max_model_len=128)
     prompts = [f"{d.rank}:12+34=", f"{d.rank}:hello"]
-    gen = lambda seed: [s for g in engine.generate(prompts, n=2, temperature=T, max_new_tokens=12, seed=seed) for s in g]
+
+    def gen(seed):
+        return [s for g in engine.generate(prompts, n=2, temperature=T, max_new_tokens=12, seed=seed) for s in g]
 
     def trainer_logprobs(samples):  # one sequence per forward: every rank runs the same number
         out = []
@@ -38,9 +40,11 @@ def main(model_dir, out_dir):
         dist.reshard(policy)
         return out
 
-    pre = gen(7)
+    seed = 7 + 100 * d.rank  # per-rank streams, as the trainer does
+    pre = gen(seed)
+    engine.sleep()  # as in the trainer loop (GPU: releases KV cache and weights; sync wakes them)
     # one large optimizer step on rank-specific data (FSDP averages the gradients)
-    opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
     ids = torch.tensor([tok(f"{d.rank}:1+1=2;2+2=4").input_ids + [tok.eos_token_id]])
     ce = lambda h, w: F.cross_entropy((h @ w.T)[0, :-1], ids[0, 1:])
     policy(ids, torch.ones_like(ids), ce).backward()
@@ -48,7 +52,7 @@ def main(model_dir, out_dir):
     opt.zero_grad(set_to_none=True)
     engine.sync(dist.full_state_items(policy))
 
-    post, again, other = gen(7), gen(7), gen(8)
+    post, again, other = gen(seed), gen(seed), gen(seed + 1)
     eng_post = [x for s in post for x in s.logprobs]
     eng_pre = [x for s in pre for x in s.logprobs]
     tr_post, tr_pre = trainer_logprobs(post), trainer_logprobs(pre)  # trainer after the step

@@ -23,7 +23,8 @@ GEN = part("        groups = engine.generate(", "        t[\"score\"]")
 def derive(name, doc, adv_fn, flags, algo, gen=None, extra=()):
     s = GRPO
     for old, new in [(DOC, doc), (ADV_FN, adv_fn), (FLAGS, flags), (ALGO, algo), *([(GEN, gen)] if gen else []),
-                     ('"runs/grpo"', f'"runs/{name}"'), ("# default runs/grpo", f"# default runs/{name}"), *extra]:
+                     ('"runs/grpo"', f'"runs/{name}"'), ("# default runs/grpo", f"# default runs/{name}"),
+                     ("[grpo]", f"[{name}]"), *extra]:
         assert old in s, (name, old[:60])
         s = s.replace(old, new)
     (ROOT / f"{name}.py").write_text(s)

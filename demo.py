@@ -1,0 +1,95 @@
+"""The demo: the whole pipeline on the built-in task, on a CPU, in minutes.
+
+    python demo.py            # GEM and CE cold starts, GRPO/ReMax/RAFT++/Reinforce-rej from GEM, GRPO from CE
+    python demo.py --quick    # a smoke test of the same pipeline (tiny runs)
+
+Each stage is one of the trainers, run with torchrun exactly as a user would; this script only
+chains them, then draws the curves (plot.py) and writes a markdown results table.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+from common.metrics import read
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Args:
+    out: str = "runs/demo"
+    nproc: int = 2                       # ranks per run (torchrun --nproc_per_node)
+    sft_steps: int = 300                 # GEM / CE cold-start optimizer steps
+    rl_steps: int = 20                   # steps of each RL run
+    rl_eval_every: int = 10
+    quick: bool = False                  # smoke test: a few steps of everything
+
+
+def run(script, out, *args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), script, "--out-dir", str(out), *args]
+    print(f"\n$ {' '.join(cmd[2:])}", flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return time.time() - t0
+
+
+def last(rows, key):
+    vals = [r[key] for r in rows if key in r]
+    return vals[-1] if vals else float("nan")
+
+
+def first(rows, key):
+    vals = [r[key] for r in rows if key in r]
+    return vals[0] if vals else float("nan")
+
+
+def main(a: Args):
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.quick:
+        a.sft_steps, a.rl_steps, a.rl_eval_every = 20, 2, 2
+    small = ["--eval-size", "16"] if a.quick else []
+    secs = {}
+    for loss in ["gem", "ce"]:
+        secs[f"sft-{loss}"] = run("gem_sft.py", out / f"sft-{loss}", "--loss", loss, "--max-steps", str(a.sft_steps),
+                                  *small, nproc=a.nproc)
+    rl = [("grpo", "gem"), ("remax", "gem"), ("raftpp", "gem"), ("reinforce_rej", "gem"), ("grpo", "ce")]
+    for algo, start in rl:
+        secs[f"{algo}-from-{start}"] = run(f"{algo}.py", out / f"{algo}-from-{start}", "--model",
+                                           str(out / f"sft-{start}" / "hf"), "--steps", str(a.rl_steps),
+                                           "--eval-every", str(a.rl_eval_every), *small, nproc=a.nproc)
+    # figures
+    from plot import plot
+    runs = [out / f"{algo}-from-{start}" for algo, start in rl]
+    plot([str(r) for r in runs], str(out / "curves.png"))
+    # tables
+    lines = ["## Cold start (held-out, 8 samples per prompt at T=1)", "",
+             "| start | pass@1 | pass@8 | maj@8 | distinct answers / 8 | train CE | seconds |", "|---|---|---|---|---|---|---|"]
+    for loss in ["gem", "ce"]:
+        rows = read(out / f"sft-{loss}" / "metrics.jsonl")
+        lines.append(f"| {loss.upper()} | {last(rows, 'eval/pass@1'):.3f} | {last(rows, 'eval/pass@8'):.3f} | "
+                     f"{last(rows, 'eval/maj@8'):.3f} | {last(rows, 'eval/distinct_answers'):.2f} | "
+                     f"{last(rows, 'train/ce_loss'):.3f} | {secs[f'sft-{loss}']:.0f} |")
+    lines += ["", f"## RL ({a.rl_steps} steps; held-out pass@1 with 4 samples per prompt at T=1)", "",
+              "| run | pass@1 start → end | pass@4 end | train accuracy first → last | entropy end | KL to π_ref end | seconds |",
+              "|---|---|---|---|---|---|---|"]
+    for (algo, start), r in zip(rl, runs):
+        rows = read(r / "metrics.jsonl")
+        lines.append(f"| {algo} from {start.upper()} | {first(rows, 'eval/pass@1'):.3f} → {last(rows, 'eval/pass@1'):.3f} | "
+                     f"{last(rows, 'eval/pass@4'):.3f} | {first(rows, 'train/accuracy'):.3f} → "
+                     f"{last(rows, 'train/accuracy'):.3f} | {last(rows, 'train/entropy'):.3f} | "
+                     f"{last(rows, 'train/kl_ref'):.4f} | {secs[f'{algo}-from-{start}']:.0f} |")
+    table = "\n".join(lines)
+    (out / "results.md").write_text(table + "\n")
+    (out / "seconds.json").write_text(json.dumps(secs, indent=1))
+    print("\n" + table + f"\n\nfigures: {out / 'curves.png'}\ntotal: {sum(secs.values()):.0f} s")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

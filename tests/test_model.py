@@ -1,0 +1,31 @@
+"""The built-in model: loads with transformers, round-trips its tokenizer, and the fused head path
+(decoder body + kernel) equals the full-logits log-softmax of the HF model."""
+import torch
+
+from common import data, model as M
+
+
+def test_tiny_model_and_tokenizer(tmp_path):
+    path = M.build_tiny(tmp_path / "tiny")
+    assert M.build_tiny(tmp_path / "tiny") == path  # idempotent
+    lm, tok = M.load(str(path))
+    assert 0.9e6 < M.count_params(lm) < 1.2e6
+    cfg = lm.config
+    assert cfg.hidden_size // cfg.num_attention_heads == 32 and cfg.tie_word_embeddings
+    text = "(5-3)*5=\n5-3=2, 2*5=10. \\boxed{10}"
+    ids = tok(text).input_ids
+    assert len(ids) == len(text) and tok.decode(ids) == text  # one token per character
+    assert tok.eos_token_id == tok.pad_token_id == cfg.eos_token_id
+
+
+def test_fused_head_equals_full_logits(tmp_path):
+    lm, tok = M.load(str(M.build_tiny(tmp_path / "tiny", seed=3)))
+    rows = data.builtin_task(4, seed=0)
+    seqs = [(tok(r["question"] + "\n").input_ids + tok(r["response"]).input_ids, len(r["question"]) + 1) for r in rows]
+    ids, attn, targets = data.collate(seqs, tok.pad_token_id)
+    for temperature in (1.0, 0.7):
+        logp, ent = M.WithHead(lm)(ids, attn, M.logprob_head(targets, temperature))
+        logits = lm(input_ids=ids, attention_mask=attn).logits.float() / temperature
+        ref = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)
+        ref_ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) * (targets != -100)
+        assert torch.allclose(logp, ref, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
