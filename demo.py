@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent
 class Args:
     out: str = "runs/demo"
     nproc: int = 2                       # ranks per run (torchrun --nproc_per_node)
-    sft_steps: int = 300                 # GEM / CE cold-start optimizer steps
-    rl_steps: int = 20                   # steps of each RL run
-    rl_eval_every: int = 10
+    sft_steps: int = 0                   # GEM / CE cold-start steps (0 = gem_sft.py default)
+    rl_steps: int = 15                   # steps of each RL run
+    rl_eval_every: int = 15
     quick: bool = False                  # smoke test: a few steps of everything
 
 
@@ -57,8 +57,8 @@ def main(a: Args):
     small = ["--eval-size", "16"] if a.quick else []
     secs = {}
     for loss in ["gem", "ce"]:
-        secs[f"sft-{loss}"] = run("gem_sft.py", out / f"sft-{loss}", "--loss", loss, "--max-steps", str(a.sft_steps),
-                                  *small, nproc=a.nproc)
+        steps = ["--max-steps", str(a.sft_steps)] if a.sft_steps else []
+        secs[f"sft-{loss}"] = run("gem_sft.py", out / f"sft-{loss}", "--loss", loss, *steps, *small, nproc=a.nproc)
     rl = [("grpo", "gem"), ("remax", "gem"), ("raftpp", "gem"), ("reinforce_rej", "gem"), ("grpo", "ce")]
     for algo, start in rl:
         secs[f"{algo}-from-{start}"] = run(f"{algo}.py", out / f"{algo}-from-{start}", "--model",

@@ -192,8 +192,7 @@ def main(args: Args):
                 stats["grad_norm"] += gn / n_updates
         sched.step()
         t["update"] = time.time()
-        # 6. push the new weights into the engine (streamed shard by shard)
-        engine.wake_up()
+        # 6. push the new weights into the engine (streamed shard by shard; wakes a sleeping engine)
         engine.sync(dist.full_state_items(policy))
         t["sync"] = time.time()
         # 7. metrics (global means over ranks)

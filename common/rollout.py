@@ -3,9 +3,9 @@ generates responses and receives the trainer's new weights after every update.
 
 The engine lives in the trainer's own process (torchrun starts one process per rank; vLLM joins it
 with the `external_launcher` executor), so nothing is started by hand. On GPU the engine sleeps while
-the trainer updates (KV cache and weights released); `sync` wakes the weights, loads the new values,
-then wakes the KV cache, so the two never occupy memory together with the trainer's peak. On CPU
-sleep/wake are no-ops.
+the trainer updates (KV cache and weights released, `sleep`); `sync` wakes the weights, streams the new
+values in, and only then wakes the KV cache, so the cache is not allocated while the gathered tensors
+are. On CPU sleep/wake are no-ops (vLLM's CPU worker has no sleep mode).
 
 Semantics shared by both backends: log-probs are those of the distribution actually sampled from
 (temperature and top-p applied, vLLM's "processed_logprobs"); a greedy sample's are at temperature 1.
@@ -70,7 +70,8 @@ class Engine:
             return
         from vllm import LLM
         import logging  # vLLM warns on every in-place reload that the rotary cache has no checkpoint weights
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+        from vllm.model_executor.model_loader.reload import layerwise
+        layerwise.logger.setLevel(logging.ERROR)
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         with _keep_process_state():  # the trainer keeps its RNG streams and thread control
             self.llm = LLM(model=str(model), seed=seed, dtype="bfloat16" if self.on_gpu else "float32",

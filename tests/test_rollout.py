@@ -6,6 +6,7 @@ first syncs the weights it expects, so the tests don't depend on their order.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -267,9 +268,16 @@ def test_hf_backend_matches_vllm(tiny, vllm_engine):
 def test_two_ranks_fsdp_sync(tiny, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     torchrun = Path(sys.executable).with_name("torchrun")
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "tests/_rollout_worker.py"),
-                        tiny[True], str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
+    p = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "tests/_rollout_worker.py"),
+                          tiny[True], str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=600)
+    except subprocess.TimeoutExpired:  # kill the workers too, not only torchrun
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    assert p.returncode == 0, err[-4000:]
     res = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
     for x in res:
         assert x["tied"] and x["gap_after_sync"] < 1e-4, x

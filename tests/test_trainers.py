@@ -36,7 +36,15 @@ def _cmd(script, out, *args, nproc=2):
 
 
 def _run(script, out, *args, ok=True, timeout=400):
-    r = subprocess.run(_cmd(script, out, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    """Run to completion; on a timeout kill the whole process group (torchrun, its workers, their pools)."""
+    p = subprocess.Popen(_cmd(script, out, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+    r = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
     if ok:
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return r
