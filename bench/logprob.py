@@ -7,9 +7,12 @@ entropy of the softmax, loss = logp.sum() + 0.01 * entropy.sum(), forward + back
 
 CPU (fp32): every measurement runs in its own fresh subprocess, and the implementations alternate round by
 round (naive, chunked, naive, chunked, ...) so drifting machine load hits both alike; the reported time is the
-best round. Memory is peak RSS: the worker allocates the inputs (and warms up MKL with a small matmul), reads
-its current RSS from /proc/self/statm as the baseline, runs one warm-up and one timed iteration (weight.grad
-reset to None before each, as after optimizer.zero_grad()), then reads the peak RSS (getrusage ru_maxrss).
+best round. On a shared machine each measurement first waits (up to 15 min) for the CPU to be idle (--idle:
+busy fraction over 1 s below this; 1 disables): other processes' load slows the many small ops of the chunked
+path more than the few big ones of the naive path. Memory is peak RSS: the worker allocates the inputs (and
+warms up MKL with a small matmul), reads its current RSS from /proc/self/statm as the baseline, runs one
+warm-up and one timed iteration (weight.grad reset to None before each, as after optimizer.zero_grad()), then
+reads the peak RSS (getrusage ru_maxrss):
     extra = peak - baseline - V*D*4
 i.e. everything beyond the inputs and the fp32 weight gradient, which both paths must produce.
 
@@ -80,15 +83,28 @@ def worker(impl, N, D, V):
     print(json.dumps(dict(impl=impl, ms=times[-1] * 1e3, extra=peak - base - V * D * 4)))
 
 
+def busy():
+    """Fraction of the machine's CPU time that was busy over the next second."""
+    a = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    time.sleep(1)
+    d = [int(x) - y for x, y in zip(open("/proc/stat").readline().split()[1:], a)]
+    return 1 - (d[3] + d[4]) / sum(d)
+
+
 def cpu(args):
     print(f"CPU: N={args.N} D={args.D} V={args.V} fp32, fwd+bwd with entropy, torch threads={torch.get_num_threads()}, "
           f"chunk={K.CHUNK_ROWS}x{K.CHUNK_COLS}", flush=True)
     best = {}
     for r in range(args.rounds):
         for impl in ("naive", "chunked"):
-            cmd = [sys.executable, __file__, "--worker", impl, "--N", str(args.N), "--D", str(args.D), "--V", str(args.V)]
+            t = time.time()
+            while busy() > args.idle and time.time() - t < 900:
+                pass
+            cmd = [sys.executable, __file__, "--worker", impl, "--N", str(args.N), "--D", str(args.D),
+                   "--V", str(args.V), "--chunk", f"{K.CHUNK_ROWS}x{K.CHUNK_COLS}"]
             out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-            print(f"  round {r}: {impl:8s} {out['ms']:9.0f} ms  extra {out['extra'] / 2**20:8.1f} MiB", flush=True)
+            print(f"  round {r}: {impl:8s} {out['ms']:9.0f} ms  extra {out['extra'] / 2**20:8.1f} MiB  "
+                  f"(load avg {os.getloadavg()[0]:.1f})", flush=True)
             b = best.setdefault(impl, out)
             b["ms"], b["extra"] = min(b["ms"], out["ms"]), max(b["extra"], out["extra"])
     table(best, "naive")
@@ -138,8 +154,12 @@ if __name__ == "__main__":
     p.add_argument("--D", type=int, default=896)
     p.add_argument("--V", type=int, default=151936)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--idle", type=float, default=0.25)
+    p.add_argument("--chunk", help="rows x cols of the chunked path's logit tile, e.g. 2048x4096")
     p.add_argument("--worker")
     args = p.parse_args()
+    if args.chunk:
+        K.CHUNK_ROWS, K.CHUNK_COLS = map(int, args.chunk.split("x"))
     if args.worker:
         worker(args.worker, args.N, args.D, args.V)
     else:

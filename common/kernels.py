@@ -22,7 +22,9 @@ import os
 
 import torch
 
-CHUNK_ROWS, CHUNK_COLS = 2048, 1024  # chunked tile: 8 MB of fp32 logits, lives in L3 (tuned: bench/logprob.py)
+# chunked tile: 32 MB of fp32 logits. Measured on the 2-core dev box (bench/logprob.py): as fast as 1024 cols on
+# an idle machine and faster on a busy one, where each of the tile loop's small ops waits for a CPU slice.
+CHUNK_ROWS, CHUNK_COLS = 2048, 4096
 TRITON_BLOCKS = dict(BN=64, BV=128, BD=64)  # rows x vocab tile, and the step over the hidden dim
 
 
@@ -47,7 +49,7 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, y, temperature, with_entropy, ignore_index, impl):
         idx = (y != ignore_index).nonzero().squeeze(1)  # only the scored rows are computed
-        hv, yv, inv_t = h.index_select(0, idx), y.index_select(0, idx), 1.0 / temperature
+        hv, yv, inv_t = _rows(h, idx), _rows(y, idx), 1.0 / temperature
         logp, ent = h.new_zeros(len(y), dtype=torch.float32), h.new_zeros(len(y), dtype=torch.float32)
         lse = entv = None
         if len(idx):
@@ -70,19 +72,23 @@ class _TokenLogprobs(torch.autograd.Function):
         need_dh, need_dw = ctx.needs_input_grad[:2]
         if not len(idx) or (g_logp is None and g_ent is None):  # nothing to back-propagate: zero grads
             return torch.zeros_like(h) if need_dh else None, torch.zeros_like(w) if need_dw else None, *[None] * 5
-        inv_t, hv = ctx.inv_t, h.index_select(0, idx)
-        a = g_logp.index_select(0, idx).float() if g_logp is not None else lse.new_zeros(len(idx))
-        b = g_ent.index_select(0, idx).float() if g_ent is not None and ent is not None else None
+        inv_t, hv = ctx.inv_t, _rows(h, idx)
+        a = _rows(g_logp, idx).float() if g_logp is not None else lse.new_zeros(len(idx))
+        b = _rows(g_ent, idx).float() if g_ent is not None and ent is not None else None
         grads = _triton_grads if ctx.impl == "triton" else _chunked_grads
         dhv, dw = grads(hv, w, inv_t, lse, ent, a, b, need_dh, need_dw)  # dense part: dz = -p (a + b (log p + H))
         dh = None
         if need_dh:  # + sparse part a e_y:  dh += a W[y] / T
             dhv += a[:, None] * w.index_select(0, yv).float() * inv_t
-            dh = torch.zeros_like(h).index_copy_(0, idx, dhv.to(h.dtype))
+            dh = dhv.to(h.dtype) if len(idx) == len(h) else torch.zeros_like(h).index_copy_(0, idx, dhv.to(h.dtype))
         if need_dw:  # dW[y] += a h / T
             dw.index_add_(0, yv, (a[:, None] * hv.float() * inv_t).to(dw.dtype))
             dw = dw.to(w.dtype)
         return dh, dw, None, None, None, None, None
+
+
+def _rows(x, idx):
+    return x if len(idx) == len(x) else x.index_select(0, idx)  # idx is sorted: all rows means x itself
 
 
 def _merge(m, s, u):
@@ -150,25 +156,32 @@ def _chunked_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw):
 def _triton():
     """Define the kernels on first use: triton is only imported here, so a CPU test can set TRITON_INTERPRET=1
     first. Names are module globals because the interpreter resolves helpers through the module's globals."""
-    global triton, tl, _logit_tile, _fwd_kernel, _bwd_kernel
+    global triton, tl, _load, _atomic_add, _logit_tile, _fwd_kernel, _bwd_kernel
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _logit_tile(H, W, rows, cols, N, V, D, inv_t, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    def _load(P, r, ds, n, D):  # block P[r, ds] of a row-major [n, D] matrix, zeros outside
+        return tl.load(P + r[:, None] * D + ds[None, :], mask=(r[:, None] < n) & (ds[None, :] < D), other=0.0)
+
+    @triton.jit
+    def _atomic_add(P, r, ds, n, D, x):  # P[r, ds] += x
+        tl.atomic_add(P + r[:, None] * D + ds[None, :], x, mask=(r[:, None] < n) & (ds[None, :] < D))
+
+    @triton.jit
+    def _logit_tile(H, W, rows, cols, N, V, D, inv_t, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+                    PREC: tl.constexpr):
         # z[BN, BV] = H[rows] @ W[cols].T / T, fp32 accumulation over the hidden dim in steps of BD
         acc = tl.zeros([BN, BV], dtype=tl.float32)
         for d0 in range(0, D, BD):
             ds = d0 + tl.arange(0, BD)
-            h = tl.load(H + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
-            w = tl.load(W + cols[:, None] * D + ds[None, :], mask=(cols[:, None] < V) & (ds[None, :] < D), other=0.0)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=PREC)
+            acc = tl.dot(_load(H, rows, ds, N, D), tl.trans(_load(W, cols, ds, V, D)), acc, input_precision=PREC)
         return acc * inv_t
 
     @triton.jit
     def _fwd_kernel(H, W, M, S, U, N, V, D, inv_t, tiles_per_split, n_tiles,
                     BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
-        # program (i, j): rows block i over the j-th run of vocab tiles -> online (m, s, u) into M/S/U[j, rows]
+        # program (i, j): row block i over the j-th run of vocab tiles -> online (m, s, u) into M/S/U[j, rows]
         i, j = tl.program_id(0), tl.program_id(1)
         rows = (i * BN + tl.arange(0, BN)).to(tl.int64)
         m = tl.full([BN], -1e30, tl.float32)  # finite "-inf": keeps 0 * (m - m_new) = 0
@@ -184,41 +197,38 @@ def _triton():
             u = r * (u + (m - m_new) * s) + tl.sum(e * (z - m_new[:, None]), 1)
             s = r * s + tl.sum(e, 1)
             m = m_new
-        out = j * N + rows
-        tl.store(M + out, m, mask=rows < N)
-        tl.store(S + out, s, mask=rows < N)
-        tl.store(U + out, u, mask=rows < N)
+        tl.store(M + j * N + rows, m, mask=rows < N)
+        tl.store(S + j * N + rows, s, mask=rows < N)
+        tl.store(U + j * N + rows, u, mask=rows < N)
 
     @triton.jit
-    def _bwd_kernel(H, W, LSE, ENT, A, B, DH, DW, N, V, D, inv_t,
-                    BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
-                    PREC: tl.constexpr):
+    def _bwd_kernel(H, W, LSE, ENT, A, B, DH, DW, N, V, D, inv_t, BN: tl.constexpr, BV: tl.constexpr,
+                    BD: tl.constexpr, PREC: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr):
         # program (i, j): one [BN, BV] tile of dz = -p (a + b (log p + H)) / T, then for each BD slice of the
         # hidden dim: DH[rows] += dz @ W[cols], DW[cols] += dz^T @ H[rows] (fp32 atomics: tiles share rows/cols)
         i, j = tl.program_id(0), tl.program_id(1)
         rows = (i * BN + tl.arange(0, BN)).to(tl.int64)
         cols = (j * BV + tl.arange(0, BV)).to(tl.int64)
-        logp = _logit_tile(H, W, rows, cols, N, V, D, inv_t, BN, BV, BD, PREC) - tl.load(LSE + rows, mask=rows < N, other=0.0)[:, None]
+        lse = tl.load(LSE + rows, mask=rows < N, other=0.0)
         a = tl.load(A + rows, mask=rows < N, other=0.0)  # 0 on padded rows -> dz = 0 there
         b = tl.load(B + rows, mask=rows < N, other=0.0)
         ent = tl.load(ENT + rows, mask=rows < N, other=0.0)
+        logp = _logit_tile(H, W, rows, cols, N, V, D, inv_t, BN, BV, BD, PREC) - lse[:, None]
         p = tl.where(cols[None, :] < V, tl.exp(logp), 0.0)
         dz = (-p * (a[:, None] + b[:, None] * (logp + ent[:, None])) * inv_t).to(H.dtype.element_ty)
         for d0 in range(0, D, BD):
             ds = d0 + tl.arange(0, BD)
             if NEED_DH:
-                w = tl.load(W + cols[:, None] * D + ds[None, :], mask=(cols[:, None] < V) & (ds[None, :] < D), other=0.0)
-                tl.atomic_add(DH + rows[:, None] * D + ds[None, :], tl.dot(dz, w, input_precision=PREC), mask=(rows[:, None] < N) & (ds[None, :] < D))
+                _atomic_add(DH, rows, ds, N, D, tl.dot(dz, _load(W, cols, ds, V, D), input_precision=PREC))
             if NEED_DW:
-                h = tl.load(H + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
-                tl.atomic_add(DW + cols[:, None] * D + ds[None, :], tl.dot(tl.trans(dz), h, input_precision=PREC), mask=(cols[:, None] < V) & (ds[None, :] < D))
+                _atomic_add(DW, cols, ds, V, D, tl.dot(tl.trans(dz), _load(H, rows, ds, N, D), input_precision=PREC))
 
     return _fwd_kernel, _bwd_kernel
 
 
 def _triton_stats(h, w, inv_t, with_entropy):
     fwd, _ = _triton()
-    h, w, (N, D), V, bl = h.contiguous(), w.contiguous(), h.shape, len(w), TRITON_BLOCKS
+    h, w, (N, D), V, bl = h.to(w.dtype).contiguous(), w.contiguous(), h.shape, len(w), TRITON_BLOCKS
     n_tiles, row_blocks = -(-V // bl["BV"]), -(-N // bl["BN"])
     # split the vocab over enough programs to fill the GPU; the splits' stats are merged like tiles
     want = 4 * torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 4
@@ -231,13 +241,13 @@ def _triton_stats(h, w, inv_t, with_entropy):
 
 def _triton_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw):
     _, bwd = _triton()
-    h, w, (N, D), V, bl = h.contiguous(), w.contiguous(), h.shape, len(w), TRITON_BLOCKS
+    h, w, (N, D), V, bl = h.to(w.dtype).contiguous(), w.contiguous(), h.shape, len(w), TRITON_BLOCKS
     dh = torch.zeros(N, D, device=h.device) if need_dh else None
     dw = torch.zeros(V, D, device=w.device) if need_dw else None  # fp32 for the atomics; cast by the caller
     b, ent = (b, ent) if b is not None else (torch.zeros_like(a), torch.zeros_like(a))
     grid = (-(-N // bl["BN"]), -(-V // bl["BV"]))  # row blocks vary fastest: concurrent programs share a W tile
     bwd[grid](h, w, lse, ent, a, b, dh if need_dh else a, dw if need_dw else a, N, V, D, inv_t, **bl,
-              NEED_DH=need_dh, NEED_DW=need_dw, PREC=_prec(h))
+              PREC=_prec(h), NEED_DH=need_dh, NEED_DW=need_dw)
     return dh, dw
 
 

@@ -52,6 +52,10 @@ class Engine:
     def __init__(self, model, backend="vllm", seed=0, max_model_len=1024, gpu_memory_utilization=0.3,
                  tensor_parallel_size=1, trust_remote_code=False, hf_model=None, tokenizer=None,
                  sleep_mode=None, hf_batch_size=64):
+        from transformers import AutoConfig  # the context cannot exceed what the model's positions allow
+        limit = getattr(AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code),
+                        "max_position_embeddings", None)
+        max_model_len = min(max_model_len, limit) if limit else max_model_len
         self.backend, self.seed, self.max_model_len, self.hf_batch_size = backend, seed, max_model_len, hf_batch_size
         self.on_gpu = torch.cuda.is_available()
         self.sleep_mode = self.on_gpu and backend == "vllm" if sleep_mode is None else sleep_mode

@@ -34,11 +34,12 @@ def naive(h, w, y, temperature, ignore_index=-100):
     return logp, -(lp.exp() * lp).sum(-1) * valid
 
 
-def errors(impl, N, D, V, temperature, dtype=torch.float32, device="cpu", seed=0):
-    """max |x - ref| / (1 + |ref|) of logp, entropy, d hidden and d weight under a loss that uses both outputs."""
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, D, generator=g).to(device, dtype).requires_grad_()
-    w = (torch.randn(V, D, generator=g) * 0.5).to(device, dtype).requires_grad_()
+def errors(impl, N, D, V, temperature, dtype=torch.float32, device="cpu", frozen=None):
+    """max |x - ref| / (1 + |ref|) of logp, entropy, d hidden and d weight under a loss that uses both outputs.
+    frozen="h" or "w": that input doesn't require grad (its error is reported as 0)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, D, generator=g).to(device, dtype).requires_grad_(frozen != "h")
+    w = (torch.randn(V, D, generator=g) * 0.5).to(device, dtype).requires_grad_(frozen != "w")
     y = torch.randint(0, V, (N,), generator=g).to(device)
     y[::4] = -100  # ignored positions
     a, b = torch.randn(N, generator=g).to(device), torch.randn(N, generator=g).to(device)
@@ -48,10 +49,14 @@ def errors(impl, N, D, V, temperature, dtype=torch.float32, device="cpu", seed=0
         ((logp * a).sum() + (ent * b).sum()).backward()
         out.append([logp, ent, h.grad, w.grad])
         h.grad = w.grad = None
+    if frozen:  # no grad computed for it, in either
+        assert out[0][2 + (frozen == "w")] is None
+        out = [[torch.zeros(1) if x is None else x for x in o] for o in out]
     (logp, ent, dh, dw), ref = out
-    assert logp.dtype == ent.dtype == torch.float32 and dh.dtype == dw.dtype == dtype
-    assert (logp[::4] == 0).all() and (ent[::4] == 0).all() and (dh[::4] == 0).all()
-    return {k: ((x.double() - r).abs() / (1 + r.abs())).max().item() for k, x, r in zip(("logp", "ent", "dh", "dw"), out[0], ref)}
+    assert logp.dtype == ent.dtype == torch.float32 and (frozen or dh.dtype == dw.dtype == dtype)
+    assert (logp[::4] == 0).all() and (ent[::4] == 0).all() and (frozen == "h" or (dh[::4] == 0).all())
+    names = ("logp", "ent", "dh", "dw")
+    return {k: ((x.double() - r).abs() / (1 + r.abs())).max().item() for k, x, r in zip(names, out[0], ref)}
 
 
 # ----------------------------------------------------------------------------- chunked (pure torch)
@@ -61,6 +66,12 @@ def test_chunked_matches_reference(case, monkeypatch):
     monkeypatch.setattr(K, "CHUNK_ROWS", CHUNKS[case][0])
     monkeypatch.setattr(K, "CHUNK_COLS", CHUNKS[case][1])
     err = errors("chunked", *CASES[case])
+    assert max(err.values()) < TOL, err
+
+
+@pytest.mark.parametrize("frozen", ["h", "w"])
+def test_chunked_frozen_input(frozen):
+    err = errors("chunked", 37, 16, 1001, 0.7, frozen=frozen)
     assert max(err.values()) < TOL, err
 
 
@@ -117,22 +128,26 @@ def test_no_entropy_leading_dims_and_impl_override(monkeypatch):
 # ----------------------------------------------------------------------------- triton
 
 def _triton_errors(case):
-    K.TRITON_BLOCKS.update(BN=BLOCKS[case][0], BV=BLOCKS[case][1], BD=16)
-    return errors("triton", *CASES[case])
+    name, frozen = case.split("/") if "/" in case else (case, None)
+    K.TRITON_BLOCKS.update(BN=BLOCKS[name][0], BV=BLOCKS[name][1], BD=16)
+    return errors("triton", *CASES[name], frozen=frozen)
+
+
+TRITON_CASES = list(CASES) + ["V1001-T1/h", "V1001-T1/w"]  # + each input frozen in turn
 
 
 @pytest.fixture(scope="module")
 def triton_errors():
     """{case: errors}: in-process on CUDA, else one interpreter subprocess for all cases."""
     if torch.cuda.is_available():
-        return {case: _triton_errors(case) for case in CASES}
+        return {case: _triton_errors(case) for case in TRITON_CASES}
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", TRITON_CASES)
 def test_triton_matches_reference(case, triton_errors):
     err = triton_errors[case]
     assert max(err.values()) < TOL, err
@@ -156,4 +171,4 @@ def test_gpu_auto_fp32_matches_reference(monkeypatch):
 
 
 if __name__ == "__main__":  # the interpreter subprocess of triton_errors()
-    print(json.dumps({case: _triton_errors(case) for case in CASES}))
+    print(json.dumps({case: _triton_errors(case) for case in TRITON_CASES}))
