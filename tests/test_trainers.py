@@ -128,9 +128,12 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     args = [*TASK, "--max-steps", "400", "--save-every", "1000", "--train-size", "2000", "--batch-size", "16",
             "--eval-k", "0", "--log-every", "1"]
     p = subprocess.Popen(_cmd("gem_sft.py", out, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
+                         text=True, start_new_session=True)
+    deadline = time.time() + 300
     while not ((out / "metrics.jsonl").exists() and len(_metrics(out)) >= 3):
-        assert p.poll() is None, p.stdout.read()[-3000:]
+        if p.poll() is not None or time.time() > deadline:
+            p.kill()
+            pytest.fail("the run ended or stalled before step 3: " + p.stdout.read()[-3000:])
         time.sleep(0.1)
     for child in psutil.Process(p.pid).children():  # what a scheduler's preemption does: SIGTERM to the workers
         child.send_signal(signal.SIGTERM)
