@@ -94,11 +94,16 @@ def builtin_task(n, seed, difficulty=2, max_num=9, flawed_frac=0.0, exclude=()):
     flawed_frac: fraction of demonstrations that contain an arithmetic slip (wrong final answer).
     Problems whose question is in `exclude` (the held-out split) are never generated."""
     rng = random.Random(seed)
-    rows, seen = [], set(exclude)
+    rows, seen, rejected = [], set(exclude), 0
     while len(rows) < n:
         tree = _random_tree(rng, difficulty, max_num)
         question = _text(tree) + "="
-        if question in seen and len(seen) < 50_000:
+        if question in seen:
+            rejected += 1
+            if rejected > 100_000:
+                raise ValueError(f"the built-in task with --difficulty {difficulty} --max-num {max_num} has too few "
+                                 f"distinct problems left after the {len(seen)}-problem held-out split: "
+                                 f"lower --eval-size or raise --max-num")
             continue
         answer = _value(tree)
         flawed = rng.random() < flawed_frac

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-TASK = ["--difficulty", "1", "--max-num", "3"]
-RL = [*TASK, "--prompts-per-step", "8", "--n-samples", "4", "--eval-size", "8", "--eval-k", "2",
+TASK = ["--difficulty", "1", "--max-num", "3", "--eval-size", "8"]  # 27 problems: 8 held out
+RL = [*TASK, "--prompts-per-step", "8", "--n-samples", "4", "--eval-k", "2",
       "--micro-batch-size", "8", "--max-new-tokens", "24", "--lr", "3e-4"]
 VOLATILE = ("time", "seconds", "tokens_per_s")  # wall-clock metrics differ between runs
 
