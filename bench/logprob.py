@@ -6,11 +6,11 @@ Workload: logits = hidden @ weight.T for N tokens and a V-word vocabulary, per-t
 entropy of the softmax, loss = logp.sum() + 0.01 * entropy.sum(), forward + backward into hidden and weight.
 
 CPU (fp32): every measurement runs in its own fresh subprocess, and the implementations alternate round by
-round (naive, chunked, naive, chunked, ...) so drifting machine load hits both alike; the reported time is the
-best round. On a shared machine each measurement first waits (up to 15 min) for the CPU to be idle (--idle:
-busy fraction over 1 s below this; 1 disables): other processes' load slows the many small ops of the chunked
-path more than the few big ones of the naive path. Memory is peak RSS: the worker allocates the inputs (and
-warms up MKL with a small matmul), reads its current RSS from /proc/self/statm as the baseline, runs one
+round (naive, chunked, naive, chunked, ...) so drifting machine load hits both alike; the table gives the best
+and the median round. On a shared machine each measurement first waits (up to 15 min) for the CPU to be idle
+(--idle: busy fraction over 1 s below this; 1 disables): other processes' load slows the many small ops of the
+chunked path more than the few big ones of the naive path. Memory is peak RSS: the worker allocates the inputs
+(and warms up MKL with a small matmul), reads its current RSS from /proc/self/statm as the baseline, runs one
 warm-up and one timed iteration (weight.grad reset to None before each, as after optimizer.zero_grad()), then
 reads the peak RSS (getrusage ru_maxrss):
     extra = peak - baseline - V*D*4
@@ -105,16 +105,22 @@ def cpu(args):
             out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
             print(f"  round {r}: {impl:8s} {out['ms']:9.0f} ms  extra {out['extra'] / 2**20:8.1f} MiB  "
                   f"(load avg {os.getloadavg()[0]:.1f})", flush=True)
-            b = best.setdefault(impl, out)
-            b["ms"], b["extra"] = min(b["ms"], out["ms"]), max(b["extra"], out["extra"])
+            b = best.setdefault(impl, dict(out, runs=[]))
+            b["runs"].append(out["ms"])
+            b["ms"], b["extra"] = min(b["runs"]), max(b["extra"], out["extra"])
+    for b in best.values():
+        b["median"] = sorted(b["runs"])[len(b["runs"]) // 2]
     table(best, "naive")
 
 
 def table(res, ref):
-    print(f"{'impl':8s} {'time ms':>10s} {'x naive':>8s} {'extra MiB':>10s} {'x naive':>8s}")
+    med = all("median" in v for v in res.values())
+    print(f"{'impl':8s} {'time ms':>10s} {'x naive':>8s}" + (f" {'median ms':>10s} {'x naive':>8s}" if med else "")
+          + f" {'extra MiB':>10s} {'x naive':>8s}")
     for k, v in res.items():
-        print(f"{k:8s} {v['ms']:10.1f} {v['ms'] / res[ref]['ms']:8.3f} {v['extra'] / 2**20:10.1f} "
-              f"{v['extra'] / res[ref]['extra']:8.4f}")
+        print(f"{k:8s} {v['ms']:10.1f} {v['ms'] / res[ref]['ms']:8.3f}"
+              + (f" {v['median']:10.1f} {v['median'] / res[ref]['median']:8.3f}" if med else "")
+              + f" {v['extra'] / 2**20:10.1f} {v['extra'] / res[ref]['extra']:8.4f}")
 
 
 def gpu(args):

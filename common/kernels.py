@@ -22,9 +22,9 @@ import os
 
 import torch
 
-# chunked tile: 32 MB of fp32 logits. Measured on the 2-core dev box (bench/logprob.py): as fast as 1024 cols on
-# an idle machine and faster on a busy one, where each of the tile loop's small ops waits for a CPU slice.
-CHUNK_ROWS, CHUNK_COLS = 2048, 4096
+# chunked tile: 8 MB of fp32 logits, so the elementwise work on it stays in L3 (two reused tile buffers). On
+# the 2-core dev box (bench/logprob.py) the run is ~95% matmul time, and 1024..8192 columns time the same.
+CHUNK_ROWS, CHUNK_COLS = 2048, 1024
 TRITON_BLOCKS = dict(BN=64, BV=128, BD=64)  # rows x vocab tile, and the step over the hidden dim
 
 
@@ -108,15 +108,17 @@ def _chunked_stats(h, w, inv_t, with_entropy):
     hs, rows, cols = h.float() * inv_t, CHUNK_ROWS, CHUNK_COLS
     N, V = len(h), len(w)
     out = torch.empty(3, -(-V // cols), N, device=h.device)
+    zbuf, ebuf = (torch.empty(min(rows, N) * min(cols, V), device=h.device) for _ in "ze")  # reused tiles
     for k, v0 in enumerate(range(0, V, cols)):
         wv = w[v0:v0 + cols].float()
         for r0 in range(0, N, rows):
-            z = hs[r0:r0 + rows] @ wv.T
+            hr = hs[r0:r0 + rows]
+            z = torch.matmul(hr, wv.T, out=_tile(zbuf, len(hr), len(wv)))
             m = z.amax(1, keepdim=True)
-            e = z.sub_(m).exp()  # z now holds z - m
+            e = torch.exp(z.sub_(m), out=_tile(ebuf, len(hr), len(wv)))  # z now holds z - m
             out[0, k, r0:r0 + rows], out[1, k, r0:r0 + rows] = m.squeeze(1), e.sum(1)
             if with_entropy:
-                out[2, k, r0:r0 + rows] = torch.linalg.vecdot(e, z)
+                out[2, k, r0:r0 + rows] = e.mul_(z).sum(1)
     return out[0], out[1], out[2] if with_entropy else None
 
 
@@ -124,30 +126,34 @@ def _chunked_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw):
     """Dense part of dz tile by tile; dh = dz @ W / T into an fp32 buffer, dW = dz^T @ h / T. Rows are the
     inner loop, so each dW tile is complete (and cast to w's dtype) before moving on to the next."""
     hs, rows, cols = h.float() * inv_t, CHUNK_ROWS, CHUNK_COLS
-    N, V = len(h), len(w)
-    dh = torch.zeros(N, h.shape[1], device=h.device) if need_dh else None
+    N, (V, D) = len(h), w.shape
+    dh = torch.zeros(N, D, device=h.device) if need_dh else None
     dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_dw else None
+    zbuf, pbuf = (torch.empty(min(rows, N) * min(cols, V), device=h.device) for _ in "zp")
+    accbuf = torch.empty(min(cols, V), D, device=w.device) if need_dw and w.dtype != torch.float32 else None
     # dz = -p (a + b (log p + H)) = p (c - b z) with c = b lse - a - b H, since log p = z - lse
     c = b * (lse - ent) - a if b is not None else -a
     for v0 in range(0, V, cols):
         wv = w[v0:v0 + cols].float()
-        acc = None
-        if need_dw:
-            acc = dw[v0:v0 + cols] if dw.dtype == torch.float32 else torch.empty(len(wv), w.shape[1], device=w.device)
+        acc = accbuf[:len(wv)] if accbuf is not None else dw[v0:v0 + cols] if need_dw else None  # fp32 dW tile
         for i, r0 in enumerate(range(0, N, rows)):
             r = slice(r0, r0 + rows)
-            z = hs[r] @ wv.T
-            dz = (z - lse[r, None]).exp_()  # p
+            z = torch.matmul(hs[r], wv.T, out=_tile(zbuf, len(hs[r]), len(wv)))
+            dz = torch.sub(z, lse[r, None], out=_tile(pbuf, *z.shape)).exp_()  # p
             dz.mul_(torch.addcmul(c[r, None], z, b[r, None], value=-1, out=z) if b is not None else c[r, None])
             if need_dh:
                 dh[r].addmm_(dz, wv)
             if need_dw:
                 acc.addmm_(dz.T, hs[r], beta=float(i > 0))  # beta=0 on the first row chunk: acc is uninitialised
-        if need_dw and acc.dtype != dw.dtype:
+        if accbuf is not None:
             dw[v0:v0 + cols] = acc
     if need_dh:
         dh *= inv_t
     return dh, dw
+
+
+def _tile(buf, n, m):
+    return buf[:n * m].view(n, m)  # a contiguous [n, m] view of a flat buffer
 
 
 # ----------------------------------------------------------------------------- triton

@@ -129,8 +129,12 @@ def test_no_entropy_leading_dims_and_impl_override(monkeypatch):
 
 def _triton_errors(case):
     name, frozen = case.split("/") if "/" in case else (case, None)
+    saved = dict(K.TRITON_BLOCKS)
     K.TRITON_BLOCKS.update(BN=BLOCKS[name][0], BV=BLOCKS[name][1], BD=16)
-    return errors("triton", *CASES[name], frozen=frozen)
+    try:
+        return errors("triton", *CASES[name], device="cuda" if torch.cuda.is_available() else "cpu", frozen=frozen)
+    finally:
+        K.TRITON_BLOCKS.update(saved)
 
 
 TRITON_CASES = list(CASES) + ["V1001-T1/h", "V1001-T1/w"]  # + each input frozen in turn
