@@ -83,15 +83,10 @@ def wrap_fsdp(model, layers, device, bf16=None):
 def full_state_items(model, prefix="lm."):
     """Yield (name, full tensor) for every key of the sharded model's state dict, one at a time
     (`full_tensor()` all-gathers on every rank), so no second full copy of the model ever exists.
-    Tied models get an explicit `lm_head.weight` too: engines that untie the head need it."""
-    names = set()
+    A tied head needs nothing extra here: `rollout.Engine.sync` streams it from the embedding."""
     for name, t in model.state_dict().items():
         name = name[len(prefix):] if name.startswith(prefix) else name
-        names.add(name)
         yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
-    if "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
-        t = model.state_dict()[prefix + "model.embed_tokens.weight"]
-        yield "lm_head.weight", (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
 
 
 def all_reduce(x, op="sum"):
