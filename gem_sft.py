@@ -42,6 +42,7 @@ class Args:
     lr: float = 3e-3                     # tuned for the built-in model; the authors used 2e-5 on 8B models
     weight_decay: float = 0.01
     adam_beta2: float = 0.95
+    adam_eps: float = 1e-8               # Adam's denominator floor; updates of gradients below it are damped
     warmup_frac: float = 0.03
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = 1.0
@@ -65,10 +66,10 @@ class Args:
     max_new_tokens: int = 64
     rollout: Literal["vllm", "hf"] = "vllm"
     track: Literal["none", "wandb", "tensorboard"] = "none"
-    log_every: int = 10
+    log_every: int = 10                  # metrics line every N steps (0: only the last)
     trust_remote_code: bool = False
     # checkpoints and faults
-    save_every: int = 100                # sharded checkpoint every N steps (and at the end / on SIGTERM)
+    save_every: int = 100                # sharded checkpoint every N steps (0: none) and at the end / on SIGTERM
     keep_last: int = 2                   # complete checkpoints kept (0 = all)
     resume: bool = False                 # continue from the latest complete checkpoint in out_dir
     max_bad_steps: int = 5               # abort after this many consecutive non-finite steps
@@ -108,7 +109,7 @@ def main(args: Args):
         (out / "args.json").write_text(json.dumps(asdict(args), indent=1))
 
     policy = dist.wrap_fsdp(M.WithHead(lm), M.decoder_layers(lm), d.device)
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, args.adam_beta2),
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, args.adam_beta2), eps=args.adam_eps,
                             weight_decay=args.weight_decay)
     steps_per_epoch = len(train) // args.batch_size
     total = args.max_steps or args.epochs * steps_per_epoch
@@ -157,10 +158,10 @@ def main(args: Args):
         m = {f"train/{k}": v * d.world for k, v in dist.mean_metrics(sums, {k: n_tokens for k in sums}).items()}
         m |= {"train/grad_norm": grad_norm.item(), "train/lr": sched.get_last_lr()[0], "train/epoch": epoch,
               "train/tokens_per_s": n_tokens / (time.time() - t0), "train/bad_steps": guard.total}
-        if step % args.log_every == 0 or step == total - 1 or not math.isfinite(grad_norm.item()):
+        if (args.log_every and step % args.log_every == 0) or step == total - 1 or not math.isfinite(grad_norm.item()):
             log.log(step + 1, m, ["train/loss", "train/ce_loss", "train/entropy", "train/grad_norm"])
         stopping = stop.should_stop()
-        if ((step + 1) % args.save_every == 0 or step + 1 == total or stopping) and not guard.consecutive:
+        if ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total or stopping) and not guard.consecutive:
             checkpoint.save(out, step + 1, policy, opt, sched, keep_last=args.keep_last)
         if stopping:
             dist.print0(f"[gem_sft] stopped by signal after step {step + 1}; resume with --resume")

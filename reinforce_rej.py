@@ -66,7 +66,7 @@ class Args:
     difficulty: int = 2
     max_num: int = 5
     # evaluation, logging
-    eval_every: int = 20
+    eval_every: int = 20                 # held-out evaluation every N steps (0: only at the end)
     eval_k: int = 4
     eval_temperature: float = 1.0
     rollout: Literal["vllm", "hf"] = "vllm"
@@ -74,7 +74,7 @@ class Args:
     track: Literal["none", "wandb", "tensorboard"] = "none"
     trust_remote_code: bool = False
     # checkpoints and faults
-    save_every: int = 50                 # sharded checkpoint every N steps (and at the end / on SIGTERM)
+    save_every: int = 50                 # sharded checkpoint every N steps (0: none) and at the end / on SIGTERM
     keep_last: int = 2                   # complete checkpoints kept (0 = all)
     export_every_save: bool = False      # also write an HF folder (safetensors) at every checkpoint
     resume: bool = False                 # continue from the latest complete checkpoint in out_dir
@@ -212,10 +212,10 @@ def main(args: Args):
         m |= {f"time_{k}": t[k] - t[prev] for prev, k in zip(list(t)[:-1], list(t)[1:])}
         log.log(step + 1, {f"train/{k}": v for k, v in m.items()},
                 ["train/reward", "train/accuracy", "train/entropy", "train/kl_ref", "train/clip_frac"])
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             run_eval(step + 1)
         stopping = stop.should_stop()
-        if ((step + 1) % args.save_every == 0 or step + 1 == args.steps or stopping) and not guard.consecutive:
+        if ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps or stopping) and not guard.consecutive:
             path = checkpoint.save(out, step + 1, policy, opt, sched, extra={"ref": ref_shards}, keep_last=args.keep_last)
             if args.export_every_save:
                 checkpoint.export_hf(policy, tok, path / "hf", d.main)

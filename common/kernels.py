@@ -1,4 +1,5 @@
-"""Fused lm_head -> per-token log-prob and entropy, never materialising the [N, V] logits.
+"""Fused lm_head -> per-token log-prob and entropy, never materialising the [N, V] logits (at most
+CHUNK_CACHE_BYTES of them are kept from the forward for the backward).
 
 With z = hidden @ weight.T / T, p = softmax(z) and lse = logsumexp(z):
     logp_i = z_i[y_i] - lse_i        H_i = -sum_v p_v log p_v = lse_i - sum_v p_v z_v
@@ -25,6 +26,11 @@ import torch
 # chunked tile: 8 MB of fp32 logits, so the elementwise work on it stays in L3 (two reused tile buffers). On
 # the 2-core dev box (bench/logprob.py) the run is ~95% matmul time, and 1024..8192 columns time the same.
 CHUNK_ROWS, CHUNK_COLS = 2048, 1024
+# The backward's only extra cost over the full-logits path is recomputing each tile's logits (a 4th matmul).
+# The forward keeps its first tiles, up to this many bytes, so the backward skips their matmul: a bounded
+# trade of memory for time (all of a small vocabulary's logits fit, so e.g. the built-in model never
+# recomputes). Only when a gradient will be taken; 0 turns it off.
+CHUNK_CACHE_BYTES = 128 * 2**20
 TRITON_BLOCKS = dict(BN=64, BV=128, BD=64)  # rows x vocab tile, and the step over the hidden dim
 
 
@@ -39,22 +45,27 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=True, 
         impl = impl if impl != "auto" else "triton" if hidden.is_cuda else "chunked"
     if impl not in ("triton", "chunked"):
         raise ValueError(f"impl must be auto, triton or chunked, got {impl!r}")
+    # tiles are kept for a backward only if there will be one (not under no_grad: old policy, reference)
+    keep = CHUNK_CACHE_BYTES if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad) else 0
     logp, ent = _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                     float(temperature), with_entropy, ignore_index, impl)
+                                     float(temperature), with_entropy, ignore_index, impl, keep)
     return logp.view(targets.shape), ent.view(targets.shape) if with_entropy else None
 
 
 class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, h, w, y, temperature, with_entropy, ignore_index, impl):
+    def forward(ctx, h, w, y, temperature, with_entropy, ignore_index, impl, cache_bytes):
         idx = (y != ignore_index).nonzero().squeeze(1)  # only the scored rows are computed
         hv, yv, inv_t = _rows(h, idx), _rows(y, idx), 1.0 / temperature
         logp, ent = h.new_zeros(len(y), dtype=torch.float32), h.new_zeros(len(y), dtype=torch.float32)
         lse = entv = None
         if len(idx):
-            stats = _triton_stats if impl == "triton" else _chunked_stats
-            lse, entv = _merge(*stats(hv, w, inv_t, with_entropy))
+            if impl == "triton":
+                stats = _triton_stats(hv, w, inv_t, with_entropy)
+            else:
+                stats, ctx.tiles = _chunked_stats(hv, w, inv_t, with_entropy, cache_bytes)
+            lse, entv = _merge(*stats)
             zy = torch.linalg.vecdot(hv.float(), w.index_select(0, yv).float()) * inv_t  # target logits
             logp[idx] = zy - lse
             if with_entropy:
@@ -71,12 +82,16 @@ class _TokenLogprobs(torch.autograd.Function):
         h, w, idx, yv, lse, ent = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[:2]
         if not len(idx) or (g_logp is None and g_ent is None):  # nothing to back-propagate: zero grads
-            return torch.zeros_like(h) if need_dh else None, torch.zeros_like(w) if need_dw else None, *[None] * 5
+            return torch.zeros_like(h) if need_dh else None, torch.zeros_like(w) if need_dw else None, *[None] * 6
         inv_t, hv = ctx.inv_t, _rows(h, idx)
         a = _rows(g_logp, idx).float() if g_logp is not None else lse.new_zeros(len(idx))
         b = _rows(g_ent, idx).float() if g_ent is not None and ent is not None else None
-        grads = _triton_grads if ctx.impl == "triton" else _chunked_grads
-        dhv, dw = grads(hv, w, inv_t, lse, ent, a, b, need_dh, need_dw)  # dense part: dz = -p (a + b (log p + H))
+        # dense part: dz = -p (a + b (log p + H))
+        if ctx.impl == "triton":
+            dhv, dw = _triton_grads(hv, w, inv_t, lse, ent, a, b, need_dh, need_dw)
+        else:
+            dhv, dw = _chunked_grads(hv, w, inv_t, lse, ent, a, b, need_dh, need_dw, ctx.tiles)
+            ctx.tiles = None
         dh = None
         if need_dh:  # + sparse part a e_y:  dh += a W[y] / T
             dhv += a[:, None] * w.index_select(0, yv).float() * inv_t
@@ -84,7 +99,7 @@ class _TokenLogprobs(torch.autograd.Function):
         if need_dw:  # dW[y] += a h / T
             dw.index_add_(0, yv, (a[:, None] * hv.float() * inv_t).to(dw.dtype))
             dw = dw.to(w.dtype)
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def _rows(x, idx):
@@ -103,28 +118,35 @@ def _merge(m, s, u):
 
 # ----------------------------------------------------------------------------- chunked (pure torch)
 
-def _chunked_stats(h, w, inv_t, with_entropy):
-    """(m, s, u) of every [CHUNK_ROWS x CHUNK_COLS] logit tile, vocab tiles outer so a W tile stays in cache."""
+def _chunked_stats(h, w, inv_t, with_entropy, cache_bytes=0):
+    """(m, s, u) of every [CHUNK_ROWS x CHUNK_COLS] logit tile, vocab tiles outer so a W tile stays in cache;
+    and {(v0, r0): (z - m) tile} for the first tiles that fit in cache_bytes."""
     hs, rows, cols = h.float() * inv_t, CHUNK_ROWS, CHUNK_COLS
     N, V = len(h), len(w)
     out = torch.empty(3, -(-V // cols), N, device=h.device)
     zbuf, ebuf = (torch.empty(min(rows, N) * min(cols, V), device=h.device) for _ in "ze")  # reused tiles
+    tiles = {}
     for k, v0 in enumerate(range(0, V, cols)):
         wv = w[v0:v0 + cols].float()
         for r0 in range(0, N, rows):
             hr = hs[r0:r0 + rows]
-            z = torch.matmul(hr, wv.T, out=_tile(zbuf, len(hr), len(wv)))
+            keep = len(hr) * len(wv) * 4 <= cache_bytes
+            z = torch.matmul(hr, wv.T, out=None if keep else _tile(zbuf, len(hr), len(wv)))
             m = z.amax(1, keepdim=True)
             e = torch.exp(z.sub_(m), out=_tile(ebuf, len(hr), len(wv)))  # z now holds z - m
             out[0, k, r0:r0 + rows], out[1, k, r0:r0 + rows] = m.squeeze(1), e.sum(1)
             if with_entropy:
                 out[2, k, r0:r0 + rows] = e.mul_(z).sum(1)
-    return out[0], out[1], out[2] if with_entropy else None
+            if keep:
+                tiles[v0, r0], cache_bytes = (z, m.squeeze(1)), cache_bytes - z.numel() * 4
+    return (out[0], out[1], out[2] if with_entropy else None), tiles
 
 
-def _chunked_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw):
+def _chunked_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw, tiles=None):
     """Dense part of dz tile by tile; dh = dz @ W / T into an fp32 buffer, dW = dz^T @ h / T. Rows are the
-    inner loop, so each dW tile is complete (and cast to w's dtype) before moving on to the next."""
+    inner loop, so each dW tile is complete (and cast to w's dtype) before moving on to the next. A tile the
+    forward kept (z - m, m) is used in place of the matmul, with lse and c shifted by m (freed after use)."""
+    tiles = tiles if tiles is not None else {}
     hs, rows, cols = h.float() * inv_t, CHUNK_ROWS, CHUNK_COLS
     N, (V, D) = len(h), w.shape
     dh = torch.zeros(N, D, device=h.device) if need_dh else None
@@ -138,9 +160,14 @@ def _chunked_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw):
         acc = accbuf[:len(wv)] if accbuf is not None else dw[v0:v0 + cols] if need_dw else None  # fp32 dW tile
         for i, r0 in enumerate(range(0, N, rows)):
             r = slice(r0, r0 + rows)
-            z = torch.matmul(hs[r], wv.T, out=_tile(zbuf, len(hs[r]), len(wv)))
-            dz = torch.sub(z, lse[r, None], out=_tile(pbuf, *z.shape)).exp_()  # p
-            dz.mul_(torch.addcmul(c[r, None], z, b[r, None], value=-1, out=z) if b is not None else c[r, None])
+            lse_r, c_r = lse[r], c[r]
+            if (v0, r0) in tiles:  # z - m from the forward: log p = (z - m) - (lse - m), c - b z = (c - b m) - b (z - m)
+                z, m = tiles.pop((v0, r0))
+                lse_r, c_r = lse_r - m, c_r - b[r] * m if b is not None else c_r
+            else:
+                z = torch.matmul(hs[r], wv.T, out=_tile(zbuf, len(hs[r]), len(wv)))
+            dz = torch.sub(z, lse_r[:, None], out=_tile(pbuf, *z.shape)).exp_()  # p
+            dz.mul_(torch.addcmul(c_r[:, None], z, b[r, None], value=-1, out=z) if b is not None else c_r[:, None])
             if need_dh:
                 dh[r].addmm_(dz, wv)
             if need_dw:

@@ -61,12 +61,46 @@ def errors(impl, N, D, V, temperature, dtype=torch.float32, device="cpu", frozen
 
 # ----------------------------------------------------------------------------- chunked (pure torch)
 
+@pytest.mark.parametrize("cache", ["none", "some", "all"])
 @pytest.mark.parametrize("case", CASES)
-def test_chunked_matches_reference(case, monkeypatch):
+def test_chunked_matches_reference(case, cache, monkeypatch):
+    """Every tile recomputed in the backward, the first 3 kept from the forward, or all kept."""
     monkeypatch.setattr(K, "CHUNK_ROWS", CHUNKS[case][0])
     monkeypatch.setattr(K, "CHUNK_COLS", CHUNKS[case][1])
+    monkeypatch.setattr(K, "CHUNK_CACHE_BYTES", {"none": 0, "some": 3 * CHUNKS[case][0] * CHUNKS[case][1] * 4,
+                                                 "all": 2**40}[cache])
     err = errors("chunked", *CASES[case])
     assert max(err.values()) < TOL, err
+
+
+def test_chunked_cache_skips_the_recompute_matmuls(monkeypatch):
+    """The kept tiles replace exactly their matmuls in the backward, and nothing is kept without grad."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMM(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.__name__.startswith(("mm", "addmm"))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(K, "CHUNK_ROWS", 16)
+    monkeypatch.setattr(K, "CHUNK_COLS", 64)
+    h, w, y = torch.randn(48, 8, requires_grad=True), torch.randn(300, 8, requires_grad=True), torch.randint(0, 300, (48,))
+    counts = {}
+    for kept in (0, 4, 15):  # 3 row blocks x 5 vocab tiles
+        monkeypatch.setattr(K, "CHUNK_CACHE_BYTES", kept * 16 * 64 * 4)
+        with CountMM() as c:
+            c.n = 0
+            logp, ent = K.token_logprobs(h, w, y)
+            (logp.sum() + ent.sum()).backward()
+        counts[kept] = c.n
+    assert counts[0] - counts[4] == 4 and counts[0] - counts[15] == 15, counts
+    budgets, stats = [], K._chunked_stats
+    monkeypatch.setattr(K, "_chunked_stats", lambda *a: budgets.append(a[-1]) or stats(*a))
+    K.token_logprobs(h, w, y)
+    with torch.no_grad():  # an old-policy / reference pass keeps nothing
+        K.token_logprobs(h, w, y)
+    K.token_logprobs(h.detach(), w.detach(), y)
+    assert budgets == [K.CHUNK_CACHE_BYTES, 0, 0] and budgets[0] > 0
 
 
 @pytest.mark.parametrize("frozen", ["h", "w"])
