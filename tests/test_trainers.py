@@ -70,7 +70,9 @@ def cold_start(tmp_path_factory):
 @pytest.mark.parametrize("trainer", ["remax.py", "raftpp.py", "reinforce_rej.py"])
 def test_two_steps_change_weights_and_log_finite_metrics(cold_start, tmp_path, trainer):
     out = tmp_path / trainer
-    _run(trainer, out, "--model", str(cold_start), *RL, "--steps", "2", "--eval-every", "2")
+    # 0 = "only at the end" for both: the run still evaluates and checkpoints after its last step
+    _run(trainer, out, "--model", str(cold_start), *RL, "--steps", "2", "--eval-every", "0", "--save-every", "0")
+    assert (out / "checkpoints").is_dir() and sorted(p.name for p in (out / "checkpoints").iterdir())[-1].endswith("2")
     rows = _metrics(out)
     train = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2]
