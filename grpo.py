@@ -211,7 +211,7 @@ def main(args: Args):
         m |= {f"time_{k}": t[k] - t[prev] for prev, k in zip(list(t)[:-1], list(t)[1:])}
         log.log(step + 1, {f"train/{k}": v for k, v in m.items()},
                 ["train/reward", "train/accuracy", "train/entropy", "train/kl_ref", "train/clip_frac"])
-        if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
             run_eval(step + 1)
         stopping = stop.should_stop()
         if ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps or stopping) and not guard.consecutive:

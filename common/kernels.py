@@ -90,8 +90,7 @@ class _TokenLogprobs(torch.autograd.Function):
         if ctx.impl == "triton":
             dhv, dw = _triton_grads(hv, w, inv_t, lse, ent, a, b, need_dh, need_dw)
         else:
-            dhv, dw = _chunked_grads(hv, w, inv_t, lse, ent, a, b, need_dh, need_dw, ctx.tiles)
-            ctx.tiles = None
+            dhv, dw = _chunked_grads(hv, w, inv_t, lse, ent, a, b, need_dh, need_dw, ctx.tiles)  # empties ctx.tiles
         dh = None
         if need_dh:  # + sparse part a e_y:  dh += a W[y] / T
             dhv += a[:, None] * w.index_select(0, yv).float() * inv_t
@@ -142,11 +141,11 @@ def _chunked_stats(h, w, inv_t, with_entropy, cache_bytes=0):
     return (out[0], out[1], out[2] if with_entropy else None), tiles
 
 
-def _chunked_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw, tiles=None):
+def _chunked_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw, tiles):
     """Dense part of dz tile by tile; dh = dz @ W / T into an fp32 buffer, dW = dz^T @ h / T. Rows are the
     inner loop, so each dW tile is complete (and cast to w's dtype) before moving on to the next. A tile the
-    forward kept (z - m, m) is used in place of the matmul, with lse and c shifted by m (freed after use)."""
-    tiles = tiles if tiles is not None else {}
+    forward kept (z - m, m) is used in place of the matmul, with lse and c shifted by m, and popped from
+    `tiles` (freed after use; a second backward with retain_graph recomputes)."""
     hs, rows, cols = h.float() * inv_t, CHUNK_ROWS, CHUNK_COLS
     N, (V, D) = len(h), w.shape
     dh = torch.zeros(N, D, device=h.device) if need_dh else None

@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common import checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 TASK = ["--difficulty", "1", "--max-num", "3", "--eval-size", "8"]  # 27 problems: 8 held out
 RL = [*TASK, "--prompts-per-step", "8", "--n-samples", "4", "--eval-k", "2",
@@ -72,7 +74,7 @@ def test_two_steps_change_weights_and_log_finite_metrics(cold_start, tmp_path, t
     out = tmp_path / trainer
     # 0 = "only at the end" for both: the run still evaluates and checkpoints after its last step
     _run(trainer, out, "--model", str(cold_start), *RL, "--steps", "2", "--eval-every", "0", "--save-every", "0")
-    assert (out / "checkpoints").is_dir() and sorted(p.name for p in (out / "checkpoints").iterdir())[-1].endswith("2")
+    assert checkpoint.latest(out).name == "step_000002"
     rows = _metrics(out)
     train = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2]
