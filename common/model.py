@@ -56,26 +56,29 @@ def tiny_config(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512, max
 def build_tiny(out_dir=TINY_DIR, seed=0, **config_kwargs):
     """Create (once) the built-in model with random weights at `out_dir` and return the folder.
     Idempotent: an existing complete folder with the same config is reused."""
+    import fcntl
+    import shutil
     from transformers import Qwen2ForCausalLM
     out_dir = Path(out_dir)
-    cfg = tiny_config(**config_kwargs)
     stamp = json.dumps({"seed": seed, **{k: v for k, v in sorted(config_kwargs.items())}})
-    if (out_dir / "model.safetensors").exists() and (out_dir / "tiny.json").exists() \
-            and (out_dir / "tiny.json").read_text() == stamp:
-        return out_dir
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg)
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    build_tokenizer().save_pretrained(tmp)
-    (tmp / "tiny.json").write_text(stamp)
-    import shutil
-    if out_dir.exists():  # replace a stale/incomplete folder
-        shutil.rmtree(out_dir, ignore_errors=True)
-    try:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Every rank of a fresh checkout calls this at once: one builds under an exclusive file lock, the others
+    # wait for it and then find the finished folder (without the lock, one rank could delete the folder
+    # another was reading).
+    with open(out_dir.with_name(out_dir.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out_dir / "model.safetensors").exists() and (out_dir / "tiny.json").exists() \
+                and (out_dir / "tiny.json").read_text() == stamp:
+            return out_dir
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is the same whoever built
+            torch.manual_seed(seed)
+            model = Qwen2ForCausalLM(tiny_config(**config_kwargs))
+        tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp, safe_serialization=True)
+        build_tokenizer().save_pretrained(tmp)
+        (tmp / "tiny.json").write_text(stamp)
+        shutil.rmtree(out_dir, ignore_errors=True)  # a stale or incomplete folder
         os.replace(tmp, out_dir)
-    except OSError:  # another rank finished first (same seed, same content)
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

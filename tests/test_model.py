@@ -29,3 +29,30 @@ def test_fused_head_equals_full_logits(tmp_path):
         ref = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)
         ref_ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) * (targets != -100)
         assert torch.allclose(logp, ref, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
+
+
+def _build_in_child(out_dir, q):
+    try:
+        path = M.build_tiny(out_dir)
+        M.load(str(path))  # what a rank does next, while the others may still be building
+        q.put(str(path))
+    except Exception as e:  # reported to the parent, which fails the test with it
+        q.put(repr(e))
+
+
+def test_build_tiny_concurrent_first_run(tmp_path):
+    """Every rank of a fresh checkout builds the built-in model at once: all must get the same complete folder
+    (without the lock, one rank deleted the folder another was loading: 'Unrecognized model ...')."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    q, out = ctx.Queue(), tmp_path / "runs" / "tiny-init"
+    procs = [ctx.Process(target=_build_in_child, args=(out, q)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert results == [str(out)] * 4, results
+    rng = torch.get_rng_state()
+    M.build_tiny(tmp_path / "another")
+    assert torch.equal(rng, torch.get_rng_state())  # building or not never moves the caller's RNG

@@ -67,13 +67,15 @@ def test_math500_boxed_vs_final_answer():
     rows = _rows("math500_test.jsonl")
     resps, golds = zip(*(r["answer"].rsplit("The answer is:", 1) for r in rows))
     golds = [g.strip() for g in golds]
-    rewards, st = score_batch(list(resps), golds, timeout_s=5.0)  # generous: the machine may be shared
+    # A generous limit: an item costs it only if it really hangs (then timeouts != 0 fails the test anyway),
+    # and a machine shared with other jobs can make a sympy call take seconds of wall time.
+    rewards, st = score_batch(list(resps), golds, timeout_s=60.0)
     disagree = [i for i, r in enumerate(rewards) if r != 1.0]
     print(f"MATH-500 agreement: {1 - len(disagree) / len(rows):.2%}, disagreements: {disagree}")
     assert len(disagree) <= 5 and disagree == MATH500_DISAGREE and st["timeouts"] == st["errors"] == 0
     # negatives on real answers: most of these need math-verify, so this also drives the worker pool
     shifted = golds[1:] + golds[:1]
-    rewards, st = score_batch(list(resps), shifted, timeout_s=5.0)
+    rewards, st = score_batch(list(resps), shifted, timeout_s=60.0)
     assert [i for i, r in enumerate(rewards) if r] == MATH500_NEIGHBOUR_EQUAL
     assert st["timeouts"] == st["errors"] == 0
     for i in range(0, len(rows), 50):
@@ -149,21 +151,23 @@ ADVERSARIAL = {
 
 def _healthy():
     rewards, st = score_batch([r"\boxed{\frac{\sqrt{2}}{2}}", r"\boxed{(3, \pi/2)}", r"\boxed{7}", r"\boxed{\sqrt{3}}"],
-                              [r"\frac{1}{\sqrt{2}}", r"(3, \frac{\pi}{2})", "7", r"\sqrt{2}"], timeout_s=10.0)
+                              [r"\frac{1}{\sqrt{2}}", r"(3, \frac{\pi}{2})", "7", r"\sqrt{2}"], timeout_s=60.0)
     assert rewards == [1.0, 1.0, 1.0, 0.0] and st["timeouts"] == st["errors"] == 0
 
 
+# The time bounds below are this process's CPU seconds, not wall-clock seconds: these inputs are all decided
+# in-process (no worker), and CPU time does not grow when other jobs share the machine.
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
 def test_adversarial_score(name):
-    t = time.monotonic()
+    t = time.process_time()
     assert score(ADVERSARIAL[name], "1") == 0.0
-    assert time.monotonic() - t < 2.0
+    assert time.process_time() - t < 2.0
 
 
 def test_adversarial_batch():
-    t = time.monotonic()
+    t = time.process_time()
     rewards, st = score_batch(list(ADVERSARIAL.values()), ["1"] * len(ADVERSARIAL))
-    assert rewards == [0.0] * len(ADVERSARIAL) and time.monotonic() - t < 2.0
+    assert rewards == [0.0] * len(ADVERSARIAL) and time.process_time() - t < 2.0
     _healthy()
 
 
@@ -176,15 +180,16 @@ def test_large_response_tail_is_scanned():
 def test_timeout_from_thread_kills_and_respawns():
     out = {}
     resps, golds = [SLOW[0], r"\boxed{\frac{\sqrt{2}}{2}}", r"\boxed{7}"], [SLOW[1], r"\frac{1}{\sqrt{2}}", "7"]
-    th = threading.Thread(target=lambda: out.update(r=score_batch(resps, golds, timeout_s=1.0)))
-    t = time.monotonic()
-    th.start(); th.join(30)
-    assert not th.is_alive() and time.monotonic() - t < 15
+    # The limit must cut SLOW (> 20 s of sympy) and leave the healthy item (~0.1 s on a warm worker) enough
+    # wall time on a machine loaded by other jobs: 4 s does both.
+    th = threading.Thread(target=lambda: out.update(r=score_batch(resps, golds, timeout_s=4.0)))
+    th.start(); th.join(90)
+    assert not th.is_alive()
     rewards, st = out["r"]
     assert rewards == [0.0, 1.0, 1.0] and st["timeouts"] == 1 and st["errors"] == 0
     # score() off the main thread goes through the same hard limit
     th = threading.Thread(target=lambda: out.update(s=score(*SLOW, timeout_s=1.0)))
-    th.start(); th.join(30)
+    th.start(); th.join(90)
     assert out["s"] == 0.0
     _healthy()
 
@@ -194,7 +199,7 @@ def test_test_hooks_timeout_and_crash():
     pids = [p.pid for p in R._pool.procs]
     t = time.monotonic()
     rewards, st = score_batch(resps, golds, timeout_s=0.5, _fn=_sleepy)
-    assert rewards == [0.0] * 3 and st["timeouts"] == 3 and time.monotonic() - t < 20  # vs 60 s if stalled
+    assert rewards == [0.0] * 3 and st["timeouts"] == 3 and time.monotonic() - t < 50  # vs >= 60 s if stalled
     assert not set(pids) & {p.pid for p in R._pool.procs}  # hung workers were replaced ...
     for pid in pids:  # ... and really killed, not left sleeping
         with pytest.raises(ProcessLookupError):
