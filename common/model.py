@@ -74,7 +74,14 @@ def build_tiny(out_dir=TINY_DIR, seed=0, **config_kwargs):
             torch.manual_seed(seed)
             model = Qwen2ForCausalLM(tiny_config(**config_kwargs))
         tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-        model.save_pretrained(tmp, safe_serialization=True)
+        # Not model.save_pretrained: under torch.distributed it writes only on rank 0 (whichever rank builds
+        # here, the folder must be complete). Config + safetensors is what save_pretrained would write.
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()
+                   if not (model.config.tie_word_embeddings and k == "lm_head.weight")},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
         build_tokenizer().save_pretrained(tmp)
         (tmp / "tiny.json").write_text(stamp)
         shutil.rmtree(out_dir, ignore_errors=True)  # a stale or incomplete folder

@@ -31,8 +31,10 @@ def test_fused_head_equals_full_logits(tmp_path):
         assert torch.allclose(logp, ref, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
 
 
-def _build_in_child(out_dir, q):
-    try:
+def _build_in_child(out_dir, q, rank, store):
+    import torch.distributed as tdist
+    try:  # as under torchrun: a process group, in which transformers' save_pretrained writes only on rank 0
+        tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=4)
         path = M.build_tiny(out_dir)
         M.load(str(path))  # what a rank does next, while the others may still be building
         q.put(str(path))
@@ -41,12 +43,13 @@ def _build_in_child(out_dir, q):
 
 
 def test_build_tiny_concurrent_first_run(tmp_path):
-    """Every rank of a fresh checkout builds the built-in model at once: all must get the same complete folder
-    (without the lock, one rank deleted the folder another was loading: 'Unrecognized model ...')."""
+    """Every rank of a fresh checkout builds the built-in model at once: all must get the same complete folder.
+    Seen before: 'Unrecognized model ...' when one rank deleted the folder another was loading, and when a rank
+    other than 0 built it (transformers' save_pretrained skips writing the weights there)."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     q, out = ctx.Queue(), tmp_path / "runs" / "tiny-init"
-    procs = [ctx.Process(target=_build_in_child, args=(out, q)) for _ in range(4)]
+    procs = [ctx.Process(target=_build_in_child, args=(out, q, i, tmp_path / "store")) for i in range(4)]
     for p in procs:
         p.start()
     results = [q.get(timeout=120) for _ in procs]
