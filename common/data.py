@@ -217,7 +217,7 @@ def gold_answer(text):
 
 
 def load_rows(src, prompt_key="question", answer_key="answer", response_key=None, tokenizer=None,
-              max_len=None, skip_bad_rows=False, limit_note=None):
+              max_len=None, skip_bad_rows=False, limit_note=None, limit=0):
     """Validated rows {"question","answer"[, "response"]} of a file or hub data set. A line that is not
     UTF-8 or not JSON, a missing key, an empty or non-text field, or a row too long for max_len raises
     ValueError naming the file, the row (1-based; the line of a .jsonl) and the field; with skip_bad_rows
@@ -227,11 +227,14 @@ def load_rows(src, prompt_key="question", answer_key="answer", response_key=None
     positions); limit_note says where it comes from in the message (default "--max-len N"). Lengths count
     what the run feeds the engine: an RL prompt (no response_key) is format_prompt(question) and must leave
     room for one generated token (<= max_len - 1); an SFT row is prompt + response + EOS, as gem_sft.encode
-    builds it, and must fit (<= max_len)."""
+    builds it, and must fit (<= max_len). limit: stop after that many usable rows (0 = all), so rows that
+    will not be used are not checked."""
     out, skipped = [], 0
     keys = [("question", prompt_key), ("answer", answer_key)] + ([("response", response_key)] if response_key else [])
     note = limit_note or f"--max-len {max_len}"
     for i, row in _read_rows(src):
+        if limit and len(out) >= limit:
+            break
         try:
             if isinstance(row, ValueError):
                 raise row
