@@ -29,3 +29,17 @@ def test_fused_head_equals_full_logits(tmp_path):
         ref = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)
         ref_ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) * (targets != -100)
         assert torch.allclose(logp, ref, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
+
+
+def test_resolve_missing_local_folder_is_one_clear_line(tmp_path, monkeypatch):
+    import pytest
+    monkeypatch.chdir(tmp_path)  # a fresh clone: no runs/ folder
+    for name in ["runs/gem_sft-gem/hf", "./my-model", "/nonexistent/model", "out/x/hf", "a/b/c"]:
+        with pytest.raises(FileNotFoundError) as e:
+            M.resolve(name)
+        assert str(e.value) == (f"model folder {name} not found (run gem_sft.py first to create "
+                                "runs/gem_sft-gem/hf, or pass --model)")
+    (tmp_path / "runs" / "gem_sft-gem" / "hf").mkdir(parents=True)
+    assert M.resolve("runs/gem_sft-gem/hf") == "runs/gem_sft-gem/hf"  # an existing folder passes through
+    assert M.resolve("Qwen/Qwen2.5-Math-1.5B") == "Qwen/Qwen2.5-Math-1.5B"  # hub ids are not checked here
+    assert M.resolve("gpt2") == "gpt2"
