@@ -16,26 +16,26 @@ import tyro
 from common import data, dist
 from common.evaluate import evaluate
 from common.model import resolve
-from common.rollout import Engine
+from common.rollout import Engine, context_limit
 
 
 @dataclass
 class Args:
     model: str = "tiny"                  # HF folder or hub id
     data: str = "builtin"                # "builtin" (held-out split), .jsonl/.parquet, or hub id
-    limit: int = 0                       # evaluate only the first `limit` rows (0 = all)
+    limit: int = 0                       # evaluate only the first `limit` usable rows (0 = all; only they are checked)
     k: int = 8                           # samples per prompt
     ks: tuple[int, ...] = (1, 2, 4, 8)   # report pass@k for these k <= k
     temperature: float = 1.0
-    max_new_tokens: int = 256
+    max_new_tokens: int = 64             # the built-in task's defaults equal the trainers' (their logged eval)
     seed: int = 0
     prompt_key: str = "question"
     answer_key: str = "answer"
     skip_bad_rows: bool = False
-    max_len: int = 4096
+    max_len: int = 4096                  # prompt + response; capped by the model's max_position_embeddings
     eval_size: int = 200                 # built-in held-out split size
     difficulty: int = 2
-    max_num: int = 9
+    max_num: int = 5
     rollout: Literal["vllm", "hf"] = "vllm"
     out: str = ""                        # JSON summary (default: <model>/eval_<data>.json or runs/eval.json)
     samples: int = 3                     # prompts whose responses are printed / saved
@@ -44,17 +44,22 @@ class Args:
 
 def main(args: Args):
     d = dist.setup(args.seed)
-    engine = Engine(resolve(args.model), args.rollout, seed=args.seed, max_model_len=args.max_len,
-                    trust_remote_code=args.trust_remote_code)
-    tok = engine.tok
+    model = resolve(args.model)
     if args.data == "builtin":
         rows = data.builtin_split(0, args.eval_size, args.difficulty, args.max_num)[1]
-    else:
+    else:  # validate the rows before the engine starts, against the context the engine will accept
+        from transformers import AutoTokenizer  # the tokenizer vLLM loads from the same folder
+        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=args.trust_remote_code)
         rows, skipped = data.load_rows(args.data, args.prompt_key, args.answer_key, tokenizer=tok,
-                                       max_len=args.max_len, skip_bad_rows=args.skip_bad_rows)
+                                       skip_bad_rows=args.skip_bad_rows, limit=args.limit,
+                                       **data.limit_kwargs(args.max_len, context_limit(model, args.max_len,
+                                                                                      args.trust_remote_code)))
         if skipped:
             dist.print0(f"[eval] skipped {skipped} bad rows")
     rows = rows[:args.limit] if args.limit else rows
+    engine = Engine(model, args.rollout, seed=args.seed, max_model_len=args.max_len,
+                    trust_remote_code=args.trust_remote_code)
+    tok = engine.tok
     t0 = time.time()
     res, samples = evaluate(engine, rows, tok, k=args.k, temperature=args.temperature,
                             max_new_tokens=args.max_new_tokens, seed=args.seed,
@@ -68,7 +73,7 @@ def main(args: Args):
         for s in samples[:args.samples]:
             print(f"\n### {s['question'][:200]!r} gold={s['gold']!r}\n" +
                   "\n".join(f"  [{r:.0f}] {t[:200]!r}" for t, r in zip(s["responses"], s["rewards"])))
-        model_dir = Path(resolve(args.model))
+        model_dir = Path(model)
         out = Path(args.out) if args.out else \
             model_dir / f"eval_{Path(args.data).stem}.json" if model_dir.is_dir() else Path("runs/eval.json")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -173,29 +173,38 @@ def collate(seqs, pad_id, device="cpu"):
 
 # ----------------------------------------------------------------------------- files and hub
 def _read_rows(src):
-    """Rows of a local .jsonl/.json/.parquet file, or of a hub data set `name[:split]`."""
+    """(row number, row) of a local .jsonl/.json/.parquet file, or of a hub data set `name[:split]`.
+    .jsonl rows are numbered by line (1-based, blank lines skipped); a line that is not UTF-8 or not JSON
+    comes as (line, ValueError naming the file and line), so load_rows can raise it or skip and count it."""
     p = Path(src)
     if p.suffix == ".jsonl":
         rows = []
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+        with open(p, "rb") as f:  # decode line by line: a bad byte then names its line, not the whole file
+            for i, raw in enumerate(f, 1):
                 try:
-                    rows.append(json.loads(line))
+                    line = raw.decode("utf-8")
+                    if line.strip():
+                        rows.append((i, json.loads(line)))
+                except UnicodeDecodeError as e:
+                    rows.append((i, ValueError(f"{p}: row {i}: not UTF-8 text (byte {raw[e.start]:#04x} at "
+                                               f"column {e.start + 1})")))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}: row {i}: not valid JSON ({e.msg})") from None
+                    rows.append((i, ValueError(f"{p}: row {i}: not valid JSON ({e.msg})")))
         return rows
     if p.suffix == ".json":
-        return json.loads(p.read_text(encoding="utf-8"))
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:  # one JSON document: there is no row to skip
+            raise ValueError(f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+        return list(enumerate(json.loads(text), 1))
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
-        return pq.read_table(p).to_pylist()
+        return list(enumerate(pq.read_table(p).to_pylist(), 1))
     if p.exists():
         raise ValueError(f"{p}: unsupported file type (use .jsonl, .json or .parquet)")
     import datasets  # a hub id, e.g. openai/gsm8k:train (needs network access)
     name, _, split = src.partition(":")
-    return list(datasets.load_dataset(name, split=split or "train"))
+    return list(enumerate(datasets.load_dataset(name, split=split or "train"), 1))
 
 
 def gold_answer(text):
@@ -208,14 +217,27 @@ def gold_answer(text):
 
 
 def load_rows(src, prompt_key="question", answer_key="answer", response_key=None, tokenizer=None,
-              max_len=None, skip_bad_rows=False):
-    """Validated rows {"question","answer"[, "response"]} of a file or hub data set. A missing key, an
-    empty or non-text field, or a row longer than max_len tokens raises ValueError naming the file,
-    the row (1-based) and the field; with skip_bad_rows such rows are skipped. Returns (rows, n_skipped)."""
+              max_len=None, skip_bad_rows=False, limit_note=None, limit=0):
+    """Validated rows {"question","answer"[, "response"]} of a file or hub data set. A line that is not
+    UTF-8 or not JSON, a missing key, an empty or non-text field, or a row too long for max_len raises
+    ValueError naming the file, the row (1-based; the line of a .jsonl) and the field; with skip_bad_rows
+    such rows are skipped and counted. Returns (rows, n_skipped).
+
+    max_len is the context the engine accepts (rollout.context_limit: --max-len capped by the model's
+    positions); limit_note says where it comes from in the message (default "--max-len N"). Lengths count
+    what the run feeds the engine: an RL prompt (no response_key) is format_prompt(question) and must leave
+    room for one generated token (<= max_len - 1); an SFT row is prompt + response + EOS, as gem_sft.encode
+    builds it, and must fit (<= max_len). limit: stop after that many usable rows (0 = all), so rows that
+    will not be used are not checked."""
     out, skipped = [], 0
     keys = [("question", prompt_key), ("answer", answer_key)] + ([("response", response_key)] if response_key else [])
-    for i, row in enumerate(_read_rows(src), 1):
+    note = limit_note or f"--max-len {max_len}"
+    for i, row in _read_rows(src):
+        if limit and len(out) >= limit:
+            break
         try:
+            if isinstance(row, ValueError):
+                raise row
             if not isinstance(row, dict):
                 raise ValueError(f"{src}: row {i}: not a JSON object")
             r = {}
@@ -230,11 +252,18 @@ def load_rows(src, prompt_key="question", answer_key="answer", response_key=None
                 r[name] = v
             r["answer"] = gold_answer(r["answer"])
             if max_len and tokenizer is not None:
-                n = len(tokenizer(format_prompt(tokenizer, r["question"]) + r.get("response", "")).input_ids)
-                if n > max_len:
-                    raise ValueError(f"{src}: row {i}: field '{prompt_key}'"
-                                     f"{' + ' + repr(response_key) if response_key else ''} is {n} tokens, "
-                                     f"longer than --max-len {max_len}")
+                prompt = format_prompt(tokenizer, r["question"])
+                if response_key:
+                    n = len(tokenizer(prompt, add_special_tokens=False).input_ids) + 1 + \
+                        len(tokenizer(r["response"], add_special_tokens=False).input_ids)
+                    if n > max_len:
+                        raise ValueError(f"{src}: row {i}: field '{prompt_key}' + '{response_key}' + EOS is {n} "
+                                         f"tokens, longer than the context limit {max_len} ({note})")
+                else:
+                    n = len(tokenizer(prompt).input_ids)  # as vLLM tokenizes the prompt
+                    if n >= max_len:
+                        raise ValueError(f"{src}: row {i}: field '{prompt_key}' is {n} prompt tokens, leaving no "
+                                         f"room for a response in the context limit {max_len} ({note})")
             out.append(r)
         except ValueError:
             if not skip_bad_rows:
@@ -243,6 +272,16 @@ def load_rows(src, prompt_key="question", answer_key="answer", response_key=None
     if not out:
         raise ValueError(f"{src}: no usable rows")
     return out, skipped
+
+
+def limit_kwargs(max_len_arg, limit=None):
+    """load_rows' max_len and limit_note for `--max-len max_len_arg` and the engine's context limit
+    (rollout.context_limit): the note names both, so a too-long row says which one it hit."""
+    if limit is None:  # the model's positions were not consulted
+        return dict(max_len=max_len_arg, limit_note=f"--max-len {max_len_arg}")
+    positions = f"the model's max_position_embeddings {limit}" if limit < max_len_arg else \
+        "the model's max_position_embeddings is not lower"
+    return dict(max_len=limit, limit_note=f"--max-len {max_len_arg}, {positions}")
 
 
 def format_prompt(tokenizer, question, system_prompt=SYSTEM_PROMPT):
@@ -255,15 +294,16 @@ def format_prompt(tokenizer, question, system_prompt=SYSTEM_PROMPT):
     return question + "\n"
 
 
-def load_split(args, tokenizer):
+def load_split(args, tokenizer, max_len=None):
     """(train_rows, eval_rows) for a trainer's args: the built-in task when --data builtin, else the
-    file/hub rows with the last --eval-size rows (or --eval-data) held out."""
+    file/hub rows with the last --eval-size rows (or --eval-data) held out. max_len: the context limit
+    the engine will accept, rollout.context_limit(model, args.max_len) (default args.max_len)."""
     if args.data == "builtin":
         return builtin_split(args.train_size, args.eval_size, args.difficulty, args.max_num,
                              getattr(args, "flawed_frac", 0.0), args.seed)
     kw = dict(prompt_key=args.prompt_key, answer_key=args.answer_key, tokenizer=tokenizer,
-              max_len=args.max_len, skip_bad_rows=args.skip_bad_rows,
-              response_key=getattr(args, "response_key", None))
+              skip_bad_rows=args.skip_bad_rows, response_key=getattr(args, "response_key", None),
+              **limit_kwargs(args.max_len, max_len))
     rows, skipped = load_rows(args.data, **kw)
     if skipped:
         print(f"[data] skipped {skipped} bad rows of {args.data}")

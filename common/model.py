@@ -90,9 +90,19 @@ def build_tiny(out_dir=TINY_DIR, seed=0, **config_kwargs):
 
 
 def resolve(name):
-    """`--model` value -> a local folder or hub id. "tiny" (the default) builds the built-in model."""
+    """`--model` value -> a local folder or hub id. "tiny" (the default) builds the built-in model.
+    A value that can only be a local path and does not exist raises FileNotFoundError with one line (else
+    transformers would take it for a hub id and fail ~185 lines later with HFValidationError). Local-looking:
+    starts with "/", ".", "~" or "runs/", ends in "/hf", or has more than one "/" or any os.sep (a hub id
+    is `name` or `org/name`)."""
     if name in (None, "", "tiny"):
         return str(build_tiny())
+    s = str(name)
+    local = s.startswith(("/", ".", "~", "runs/")) or s.rstrip("/").endswith("/hf") or s.count("/") > 1 \
+        or (os.sep != "/" and os.sep in s)
+    if local and not Path(s).expanduser().exists():
+        raise FileNotFoundError(f"model folder {s} not found (run gem_sft.py first to create runs/gem_sft-gem/hf, "
+                                "or pass --model)")
     return name
 
 

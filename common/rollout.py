@@ -44,6 +44,16 @@ def sample_seed(seed, i, j):
     return int(np.random.SeedSequence([seed % 2**63, i, j]).generate_state(1, np.uint64)[0]) % 2**63
 
 
+def context_limit(model, max_len, trust_remote_code=False):
+    """Tokens (prompt + response) the engine accepts: min(max_len, the model's max_position_embeddings).
+    The Engine clamps its max_model_len with this, and data.load_rows checks rows against it, so the two
+    cannot disagree. `model` is a local folder or hub id (only its config is read)."""
+    from transformers import AutoConfig
+    positions = getattr(AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code),
+                        "max_position_embeddings", None)
+    return min(max_len, positions) if positions else max_len
+
+
 class Engine:
     """generate(prompts, n, ...) -> [[Sample] * n (+1 greedy)] per prompt; sync(named tensors).
     After each generate: last_gen_tokens, last_gen_seconds, last_tokens_per_s, last_truncated (the
@@ -52,10 +62,7 @@ class Engine:
     def __init__(self, model, backend="vllm", seed=0, max_model_len=1024, gpu_memory_utilization=0.3,
                  tensor_parallel_size=1, trust_remote_code=False, hf_model=None, tokenizer=None,
                  sleep_mode=None, hf_batch_size=64):
-        from transformers import AutoConfig  # the context cannot exceed what the model's positions allow
-        limit = getattr(AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code),
-                        "max_position_embeddings", None)
-        max_model_len = min(max_model_len, limit) if limit else max_model_len
+        max_model_len = context_limit(model, max_model_len, trust_remote_code)
         self.backend, self.seed, self.max_model_len, self.hf_batch_size = backend, seed, max_model_len, hf_batch_size
         self.on_gpu = torch.cuda.is_available()
         self.sleep_mode = self.on_gpu and backend == "vllm" if sleep_mode is None else sleep_mode
@@ -77,13 +84,24 @@ class Engine:
         from vllm.model_executor.model_loader.reload import layerwise
         layerwise.logger.setLevel(logging.ERROR)
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        # No chunked prefill on CPU. With it, the scheduler splits a prompt that does not fit the step's token
+        # budget (max_num_batched_tokens, 4096 on CPU) over several steps; the sampler still runs for the
+        # unfinished prefill, drawing from the request's seeded generator, and GPUModelRunner._bookkeeping_sync
+        # (vllm/v1/worker/gpu_model_runner.py; the CPU runner inherits it) discards that token and rewinds the
+        # generator with `gen.set_offset(gen.get_offset() - 4)`. Only CUDA's Philox generator has an offset: a
+        # CPU torch.Generator raises "CPU Generator does not use offset", so every batch with more prompt tokens
+        # than the budget crashed (GSM8K, k samples per prompt). Without chunking a prompt that does not fit
+        # waits for the next step whole (vLLM then raises the budget to at least max_model_len), so no sample is
+        # ever drawn and discarded, and each seeded generator draws exactly once per generated token: the same
+        # (seed, i, j) gives the same tokens whatever the batch. GPU keeps chunked prefill (the rewind works).
         with _keep_process_state():  # the trainer keeps its RNG streams and thread control
             self.llm = LLM(model=str(model), seed=seed, dtype="bfloat16" if self.on_gpu else "float32",
                            enforce_eager=not self.on_gpu, max_model_len=max_model_len,
                            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                            distributed_executor_backend="external_launcher" if distributed else None,
                            enable_sleep_mode=self.sleep_mode and self.on_gpu, logprobs_mode="processed_logprobs",
-                           trust_remote_code=trust_remote_code, enable_prefix_caching=True)
+                           trust_remote_code=trust_remote_code, enable_prefix_caching=True,
+                           enable_chunked_prefill=self.on_gpu)
         self.tok = self.llm.get_tokenizer()
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False))
 

@@ -78,7 +78,8 @@ def test_bad_rows_name_file_row_field(tmp_path):
     cases = [({"answer": "2"}, "missing field 'question'"),
              ({"question": "1+1=", "answer": ""}, "field 'answer' is empty"),
              ({"question": ["x"], "answer": "2"}, "field 'question' is empty or not text"),
-             ({"question": "x" * 600, "answer": "2"}, "longer than --max-len 512")]
+             ({"question": "x" * 600, "answer": "2"}, "601 prompt tokens, leaving no room for a response in the "
+                                                      "context limit 512 (--max-len 512)")]
     for bad, msg in cases:
         p = _write(tmp_path, [good, good, bad, good])
         with pytest.raises(ValueError) as e:
@@ -92,6 +93,66 @@ def test_bad_rows_name_file_row_field(tmp_path):
         data.load_rows(str(p))
     with pytest.raises(ValueError, match="missing field 'response'"):
         data.load_rows(str(_write(tmp_path, [{"question": "q", "answer": "1"}])), response_key="response")
+
+
+def test_length_limit_rl_prompt_and_sft_row(tmp_path):
+    """One token per character (built-in tokenizer): an RL prompt is question + newline and must leave one
+    token for the response; an SFT row is prompt + response + EOS and must fit."""
+    tok, L = build_tokenizer(), 40
+    rl = [{"question": "q" * (L - 2), "answer": "1"}, {"question": "q" * (L - 1), "answer": "1"}]  # L-1, L tokens
+    rows, skipped = data.load_rows(str(_write(tmp_path, rl)), tokenizer=tok, max_len=L, skip_bad_rows=True)
+    assert [len(r["question"]) for r in rows] == [L - 2] and skipped == 1
+    with pytest.raises(ValueError, match=f"row 2: field 'question' is {L} prompt tokens"):
+        data.load_rows(str(_write(tmp_path, rl)), tokenizer=tok, max_len=L)
+    q = "q" * 9  # 10 prompt tokens
+    sft = [{"question": q, "answer": "1", "response": "r" * (L - 11)}, {"question": q, "answer": "1", "response": "r" * (L - 10)}]
+    with pytest.raises(ValueError, match=f"row 2: field 'question' \\+ 'response' \\+ EOS is {L + 1} tokens"):
+        data.load_rows(str(_write(tmp_path, sft)), response_key="response", tokenizer=tok, max_len=L)
+    rows, skipped = data.load_rows(str(_write(tmp_path, sft)), response_key="response", tokenizer=tok, max_len=L,
+                                   skip_bad_rows=True)
+    assert len(rows) == 1 and skipped == 1
+
+
+def test_rows_checked_against_the_engine_limit(tmp_path):
+    """--max-len above the model's positions: rows are checked against what the engine accepts (the
+    model's max_position_embeddings, read here from its config.json), and the message names both limits."""
+    from types import SimpleNamespace
+
+    from common.model import build_tiny
+    from common.rollout import Engine, context_limit
+    model = build_tiny(tmp_path / "tiny", max_len=64)
+    positions = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    assert positions == 64
+    assert context_limit(model, 4096) == positions and context_limit(model, 32) == 32
+    assert Engine(model, "hf", max_model_len=4096).max_model_len == positions  # the same limit as the engine's
+    rows = [{"question": "q" * 50, "answer": "1"}, {"question": "q" * 70, "answer": "1"}]
+    args = SimpleNamespace(data=str(_write(tmp_path, rows)), prompt_key="question", answer_key="answer",
+                           skip_bad_rows=False, max_len=4096, eval_size=0)
+    with pytest.raises(ValueError) as e:
+        data.load_split(args, build_tokenizer(), context_limit(model, args.max_len))
+    assert str(e.value) == (f"{args.data}: row 2: field 'question' is 71 prompt tokens, leaving no room for a "
+                            "response in the context limit 64 (--max-len 4096, the model's max_position_embeddings 64)")
+    args.skip_bad_rows = True
+    train, _ = data.load_split(args, build_tokenizer(), context_limit(model, args.max_len))
+    assert [len(r["question"]) for r in train] == [50]
+    with pytest.raises(ValueError, match=r"context limit 32 \(--max-len 32, the model's max_position_embeddings "
+                                         r"is not lower\)"):
+        args.skip_bad_rows, args.max_len = False, 32
+        data.load_split(args, build_tokenizer(), context_limit(model, args.max_len))
+
+
+def test_non_utf8_row_is_named_and_skippable(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    good = json.dumps({"question": "1+1=", "answer": "2"}).encode()
+    p.write_bytes(good + b"\n" + b'{"question": "caf\xe9", "answer": "3"}\n' + good + b"\n")  # \xe9: Latin-1 e-acute
+    with pytest.raises(ValueError) as e:
+        data.load_rows(str(p))
+    assert str(e.value).startswith(f"{p}: row 2: not UTF-8 text (byte 0xe9"), str(e.value)
+    rows, skipped = data.load_rows(str(p), skip_bad_rows=True)
+    assert rows == [{"question": "1+1=", "answer": "2"}] * 2 and skipped == 1
+    (tmp_path / "bad.json").write_bytes(b'[{"question": "caf\xe9", "answer": "3"}]')
+    with pytest.raises(ValueError, match="bad.json: not UTF-8 text"):
+        data.load_rows(str(tmp_path / "bad.json"), skip_bad_rows=True)
 
 
 def test_real_gsm8k_rows_load_into_prompts_and_targets():

@@ -67,3 +67,43 @@ def test_plot_writes_png_from_two_runs(tmp_path):
     png = Path(plot([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "curves.png")))
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_eval_defaults_equal_the_trainers():
+    """eval.py on the built-in task must score the trainers' held-out split the way their logged eval does."""
+    import dataclasses
+
+    import eval as eval_cli
+    import grpo
+    ev = {f.name: f.default for f in dataclasses.fields(eval_cli.Args)}
+    tr = {f.name: f.default for f in dataclasses.fields(grpo.Args)}
+    # model: eval scores any model (default the built-in one); max_len: an upper bound for long generations,
+    # capped by the model's positions (rollout.context_limit)
+    shared = (ev.keys() & tr.keys()) - {"model", "max_len"}
+    assert {"difficulty", "max_num", "eval_size", "max_new_tokens"} <= shared
+    assert {k: ev[k] for k in shared} == {k: tr[k] for k in shared}
+
+
+def test_eval_py_checks_rows_against_the_model_positions_before_the_engine(tmp_path):
+    """The built-in model has 512 positions, --max-len defaults to 4096: the first too-long GSM8K prompt among
+    the first 200 rows stops eval.py with one message, before the engine starts (Engine is replaced by a stub)."""
+    from common.model import build_tokenizer
+    tok = build_tokenizer()
+    lines = (SHARED / "gsm8k_test.jsonl").read_text(encoding="utf-8").splitlines()
+    lens = [len(tok(json.loads(x)["question"] + "\n").input_ids) for x in lines[:200]]
+    row = next(i for i, n in enumerate(lens, 1) if n >= 512)  # first prompt with no room for a response
+    code = ("import sys, eval\n"
+            "def stub(*a, **k): sys.exit('engine started')\n"
+            "eval.Engine = stub\n"
+            f"eval.main(eval.Args(data={str(SHARED / 'gsm8k_test.jsonl')!r}, limit=200))\n")
+    r = subprocess.run([str(ROOT / ".venv/bin/python"), "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "engine started" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        f"ValueError: {SHARED / 'gsm8k_test.jsonl'}: row {row}: field 'question' is {lens[row - 1]} prompt tokens, "
+        "leaving no room for a response in the context limit 512 (--max-len 4096, the model's "
+        "max_position_embeddings 512)"), r.stderr[-2000:]
+    # rows past --limit are not checked: the first 5 rows load and the (stub) engine starts
+    r = subprocess.run([str(ROOT / ".venv/bin/python"), "-c", code.replace("limit=200", "limit=5")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "engine started" in r.stderr, r.stderr[-2000:]

@@ -59,3 +59,17 @@ def test_build_tiny_concurrent_first_run(tmp_path):
     rng = torch.get_rng_state()
     M.build_tiny(tmp_path / "another")
     assert torch.equal(rng, torch.get_rng_state())  # building or not never moves the caller's RNG
+
+
+def test_resolve_missing_local_folder_is_one_clear_line(tmp_path, monkeypatch):
+    import pytest
+    monkeypatch.chdir(tmp_path)  # a fresh clone: no runs/ folder
+    for name in ["runs/gem_sft-gem/hf", "./my-model", "/nonexistent/model", "out/x/hf", "a/b/c"]:
+        with pytest.raises(FileNotFoundError) as e:
+            M.resolve(name)
+        assert str(e.value) == (f"model folder {name} not found (run gem_sft.py first to create "
+                                "runs/gem_sft-gem/hf, or pass --model)")
+    (tmp_path / "runs" / "gem_sft-gem" / "hf").mkdir(parents=True)
+    assert M.resolve("runs/gem_sft-gem/hf") == "runs/gem_sft-gem/hf"  # an existing folder passes through
+    assert M.resolve("Qwen/Qwen2.5-Math-1.5B") == "Qwen/Qwen2.5-Math-1.5B"  # hub ids are not checked here
+    assert M.resolve("gpt2") == "gpt2"

@@ -284,3 +284,30 @@ def test_two_ranks_fsdp_sync(tiny, tmp_path):
         assert x["step_change"] > 0.1, x  # the step was real and the engine saw it
         assert x["same_seed_equal"] and x["other_seed_differs"], x
     assert res[0]["tokens"] != res[1]["tokens"]  # rank-specific prompts
+
+
+@pytest.mark.slow
+def test_two_ranks_gsm8k_long_prompts(tiny, tmp_path):
+    """Real GSM8K prompts, more prompt tokens per rank than one engine step may schedule: on CPU this used
+    to split a prefill and crash in vLLM's generator rewind ("CPU Generator does not use offset")."""
+    data_file = ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    p = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "tests/_gsm8k_worker.py"),
+                          tiny[True], str(data_file), str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=600)
+    except subprocess.TimeoutExpired:  # kill the workers too, not only torchrun
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    assert p.returncode == 0, err[-4000:]
+    for k in range(2):
+        x = json.loads((tmp_path / f"rank{k}.json").read_text())
+        assert x["prompt_tokens"] > x["budget"], x  # by construction: the batch cannot fit one step
+        assert x["group_sizes"] == [3] * x["n_prompts"] and x["prompt_ids_ok"], x
+        for n_resp, n_lp, n_prompt, finish, eos in x["lens"]:
+            assert n_lp == n_resp and n_prompt + n_resp <= 512
+            assert (finish == "stop") == eos and (finish == "stop" or n_resp == 8)
+        assert x["same_seed_equal"] and x["other_seed_differs"], x
