@@ -16,64 +16,41 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import tyro
 
 from common import checkpoint, data, dist, model as M
+from common.config import RunArgs
 from common.evaluate import evaluate
 from common.kernels import token_logprobs
 from common.metrics import Logger
-from common.rollout import Engine
+from common.rollout import Engine, context_limit
 
 
 @dataclass
-class Args:
-    model: str = "tiny"                  # HF folder or hub id; "tiny" = the built-in model
-    data: str = "builtin"                # "builtin", a .jsonl/.parquet file, or a hub id (name[:split])
-    out_dir: str = ""                    # default runs/gem_sft-<loss>
+class Args(RunArgs):  # + the run, data, evaluation and checkpoint flags of common/config.py
     loss: Literal["gem", "ce"] = "gem"   # GEM or plain cross-entropy SFT
     gem_beta: float = 0.7                # q = softmax(z / beta); beta = 1 is CE
     gem_h: Literal["linear", "logsigmoid"] = "linear"  # weights w_v: 1, or sigmoid((z_v - z_y) / 100)
-    epochs: int = 2
+    epochs: int = 2                      # passes over the training rows
     max_steps: int = 0                   # stop after this many optimizer steps (0 = all epochs)
     batch_size: int = 64                 # global sequences per optimizer step
-    micro_batch_size: int = 32           # sequences per forward/backward on one rank
     lr: float = 3e-3                     # tuned for the built-in model; the authors used 2e-5 on 8B models
-    weight_decay: float = 0.01
-    adam_beta2: float = 0.95
+    weight_decay: float = 0.01           # AdamW
+    adam_beta2: float = 0.95             # AdamW's second-moment decay (the authors: 0.95)
     adam_eps: float = 1e-8               # Adam's denominator floor; updates of gradients below it are damped
-    warmup_frac: float = 0.03
-    schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: float = 1.0
-    max_len: int = 512                   # longer rows are an error (or skipped with --skip-bad-rows)
-    seed: int = 0
-    # data
-    prompt_key: str = "question"
-    answer_key: str = "answer"
-    response_key: str = "response"       # the demonstration; GSM8K/MATH files: "answer"
-    skip_bad_rows: bool = False
-    eval_data: str = ""                  # held-out file (default: last rows of --data, or the task's split)
-    # built-in task
-    train_size: int = 12000
-    eval_size: int = 200
-    difficulty: int = 2                  # operations per problem
-    max_num: int = 5                     # operands are 1..max_num
-    flawed_frac: float = 0.1             # fraction of demonstrations with an arithmetic slip
-    # evaluation (k samples per held-out prompt at eval_temperature)
-    eval_k: int = 8                      # 0 = no evaluation
-    eval_temperature: float = 1.0
-    max_new_tokens: int = 64
-    rollout: Literal["vllm", "hf"] = "vllm"
-    track: Literal["none", "wandb", "tensorboard"] = "none"
+    warmup_frac: float = 0.03            # linear warmup over this fraction of the steps
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warmup: cosine to 0 at the last step, or constant
+    grad_clip: float = 1.0               # global grad-norm clip
+    response_key: str = "response"       # data file field with the demonstration (GSM8K/MATH files: "answer")
+    flawed_frac: float = 0.1             # built-in task: fraction of demonstrations with an arithmetic slip
+    max_new_tokens: int = 64             # held-out evaluation: response length limit
     log_every: int = 10                  # metrics line every N steps (0: only the last)
-    trust_remote_code: bool = False
-    # checkpoints and faults
-    save_every: int = 100                # sharded checkpoint every N steps (0: none) and at the end / on SIGTERM
-    keep_last: int = 2                   # complete checkpoints kept (0 = all)
-    resume: bool = False                 # continue from the latest complete checkpoint in out_dir
-    max_bad_steps: int = 5               # abort after this many consecutive non-finite steps
-    inject_nan: tuple[int, ...] = ()     # fault injection for tests: steps whose loss is made NaN
+    model: str = "tiny"                  # start model: "tiny" (the built-in one), an HF folder or a hub id
+    train_size: int = 12000              # built-in task: training problems
+    micro_batch_size: int = 32           # sequences per forward/backward on one rank (memory, not math)
+    eval_k: int = 8                      # samples per held-out prompt at the end (0 = no evaluation)
+    save_every: int = 100                # sharded checkpoint every N steps, at the end and on SIGTERM (0: only those)
 
 
 def gem_loss(logits, targets, beta, h="linear"):
@@ -84,6 +61,13 @@ def gem_loss(logits, targets, beta, h="linear"):
         q = (logits / beta).softmax(-1)
         w = torch.sigmoid((logits - logits.gather(-1, targets[:, None])) / 100) if h == "logsigmoid" else 1.0
     return (q * w * (logp - logp_y)).sum(-1), -logp_y[:, 0]
+
+
+def get_lr(step, total, args):
+    """Learning rate of optimizer step `step` (0-based) of `total`: linear warmup over --warmup-frac of the
+    steps, then cosine decay to 0 at the last step, or constant."""
+    warm = min(1.0, (step + 1) / max(1, int(args.warmup_frac * total)))
+    return args.lr * warm * (0.5 * (1 + math.cos(math.pi * min(1.0, step / total))) if args.schedule == "cosine" else 1.0)
 
 
 def encode(rows, tok):
@@ -101,7 +85,7 @@ def main(args: Args):
     out = Path(args.out_dir or f"runs/gem_sft-{args.loss}")
     out.mkdir(parents=True, exist_ok=True)
     lm, tok = M.load(args.model, trust_remote_code=args.trust_remote_code)
-    train_rows, eval_rows = data.load_split(args, tok)
+    train_rows, eval_rows = data.load_split(args, tok, context_limit(M.resolve(args.model), args.max_len, args.trust_remote_code))
     train = encode(train_rows, tok)
     dist.print0(f"[gem_sft] {M.count_params(lm) / 1e6:.2f}M params, {len(train)} train / {len(eval_rows)} "
                 f"held-out rows, world {d.world}, device {d.device}, loss {args.loss}")
@@ -113,21 +97,18 @@ def main(args: Args):
                             weight_decay=args.weight_decay)
     steps_per_epoch = len(train) // args.batch_size
     total = args.max_steps or args.epochs * steps_per_epoch
-    warmup = max(1, int(args.warmup_frac * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.5 * (1 + math.cos(math.pi * min(1.0, s / total))) if args.schedule == "cosine" else 1.0))
     stop, guard = checkpoint.StopFlag(), checkpoint.BadStepGuard(args.max_bad_steps, out)
     start = 0
     if args.resume and (ckpt := checkpoint.latest(out)):
-        start = checkpoint.resume(ckpt, policy, opt, sched)["step"]
+        start = checkpoint.resume(ckpt, policy, opt)["step"]
         dist.print0(f"[gem_sft] resumed from {ckpt} at step {start}")
     log = Logger(out, total, d.main, None if args.track == "none" else args.track, out.name, asdict(args), start)
 
     for step in range(start, total):
-        t0 = time.time()
-        epoch, pos = divmod(step, steps_per_epoch)
-        perm = np.random.default_rng(args.seed + epoch).permutation(len(train))  # same order on every rank
-        mine = [train[i] for i in perm[pos * args.batch_size:(pos + 1) * args.batch_size][d.rank::d.world]]
+        t0, epoch = time.time(), step // steps_per_epoch
+        for g in opt.param_groups:
+            g["lr"] = get_lr(step, total, args)
+        mine = [train[i] for i in data.batch_indices(len(train), step, args.batch_size, args.seed, d.rank, d.world)]
         # global token-mean: every rank divides by the token count of the whole global batch
         n_tokens = dist.all_reduce(sum(len(s) - p for s, p in mine))
         sums = {"loss": 0.0, "ce_loss": 0.0, "entropy": 0.0}
@@ -154,24 +135,22 @@ def main(args: Args):
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if guard.check(math.isfinite(grad_norm.item())):  # a non-finite step is skipped and counted
             opt.step()
-        sched.step(); opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         m = {f"train/{k}": v * d.world for k, v in dist.mean_metrics(sums, {k: n_tokens for k in sums}).items()}
-        m |= {"train/grad_norm": grad_norm.item(), "train/lr": sched.get_last_lr()[0], "train/epoch": epoch,
+        m |= {"train/grad_norm": grad_norm.item(), "train/lr": get_lr(step, total, args), "train/epoch": epoch,
               "train/tokens_per_s": n_tokens / (time.time() - t0), "train/bad_steps": guard.total}
         if (args.log_every and step % args.log_every == 0) or step == total - 1 or not math.isfinite(grad_norm.item()):
             log.log(step + 1, m, ["train/loss", "train/ce_loss", "train/entropy", "train/grad_norm"])
-        stopping = stop.should_stop()
-        if ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total or stopping) and not guard.consecutive:
-            checkpoint.save(out, step + 1, policy, opt, sched, keep_last=args.keep_last)
-        if stopping:
-            dist.print0(f"[gem_sft] stopped by signal after step {step + 1}; resume with --resume")
+        if checkpoint.save_or_stop(step + 1, total, args.save_every, out, policy, opt, stop, guard,
+                                   keep_last=args.keep_last, export=args.export_every_save and (tok,), name="gem_sft"):
             return dist.cleanup()
 
     hf_dir = checkpoint.export_hf(policy, tok, out / "hf", d.main)
     dist.print0(f"[gem_sft] saved {hf_dir}")
     if args.eval_k == 0:
         return dist.cleanup()
-    engine = Engine(hf_dir, args.rollout, seed=args.seed, max_model_len=args.max_len)
+    engine = Engine(hf_dir, args.rollout, seed=args.seed, max_model_len=args.max_len,
+                    gpu_memory_utilization=args.gpu_memory_utilization)
     t0 = time.time()
     ev = evaluate(engine, eval_rows, tok, k=args.eval_k, temperature=args.eval_temperature,
                   max_new_tokens=args.max_new_tokens, seed=args.seed, rank=d.rank, world=d.world)

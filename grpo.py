@@ -1,117 +1,143 @@
-"""GRPO (DeepSeekMath): group-relative advantages, clipped policy loss, no critic.
+# --- algorithm ---
+"""GRPO (Shao et al. 2024, DeepSeekMath; as in verl): group-relative advantages, no critic.
 
-    torchrun --nproc_per_node 2 grpo.py --model runs/gem_sft-gem/hf            # built-in task, CPU
-    torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-Math-1.5B --data gsm8k_train.jsonl ...
-
-For each prompt, n responses form a group: A_i = (r_i - mean(r)) / (std(r) + 1e-6), broadcast to every
-token of response i; groups whose rewards are all equal get A = 0. `--no-std-norm` is Dr. GRPO.
+For each prompt, n responses form a group: A_i = (r_i - mean r) / (std r + 1e-6), unbiased std, on every
+token of response i; a group whose rewards are all equal gets A = 0. `--no-std-norm` is Dr. GRPO.
 """
+# --- end algorithm ---
+# Outside the fenced "algorithm" regions grpo.py, remax.py, raftpp.py and reinforce_rej.py are identical (a test
+# checks it): `diff grpo.py raftpp.py` is the papers' difference. Run: torchrun --nproc_per_node 2 <trainer>.py
+# (built-in task, CPU); real models: --model Qwen/Qwen2.5-Math-1.5B --data gsm8k_train.jsonl --lr 1e-6 (README).
+# Left out on purpose: a critic (none of the four has one), reward models (answers are verified), packing.
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
-import numpy as np
 import torch
 import tyro
 
 from common import checkpoint, data, dist, losses, model as M, rewards
+from common.config import RunArgs
 from common.evaluate import evaluate
-from common.metrics import Logger
-from common.rollout import Engine
+from common.metrics import Logger, rl_step_metrics
+from common.rollout import Engine, context_limit
+
+NAME = Path(__file__).stem
 
 
 @dataclass
-class Args:
-    model: str = "runs/gem_sft-gem/hf"   # cold-start checkpoint (printed by gem_sft.py), HF folder or hub id
-    data: str = "builtin"                # "builtin", a .jsonl/.parquet file, or a hub id (name[:split])
-    out_dir: str = ""                    # default runs/grpo
+class Args(RunArgs):  # + the run, data, evaluation and checkpoint flags of common/config.py
+    # --- algorithm ---
+    no_std_norm: bool = False            # Dr. GRPO: A = r - mean(r), no division by the group's std
+    dual_clip: float = 0.0               # c > 1: the loss of an A < 0 token is at most -c A (dual clip); 0 = off
+    # --- end algorithm ---
+    n_samples: int = 8                   # n: responses per prompt (a group)
+    prompts_per_step: int = 32           # P: prompts per RL step, all ranks together (divisible by the world size)
+    temperature: float = 1.0             # sampling temperature (the trainer's log-probs use the same one)
+    top_p: float = 1.0                   # nucleus sampling
+    max_new_tokens: int = 64             # response length limit
+    clip_eps_low: float = 0.2            # ratio clip: s in [1 - eps_low, 1 + eps_high]
+    clip_eps_high: float = 0.2           # clip-higher (DAPO): 0.28
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"  # global denominators; see common/losses.py
+    kl_coef: float = 0.0                 # beta of KL(pi_theta || pi_ref); 0 = no KL term, no pi_ref forward in training
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # Schulman's estimators (k3 clamped at 10, as verl)
+    kl_in: Literal["loss", "reward"] = "loss"  # KL as a loss term, or -beta k1 per token in the reward (with pi_old)
+    entropy_coef: float = 0.0            # adds -coef * H_t to the loss (entropy bonus)
+    mini_batches: int = 4                # optimizer steps per epoch over the rollout batch (Minimal-RL 4, verl 1)
+    ppo_epochs: int = 1                  # passes over the rollout batch (verl and Minimal-RL: 1)
+    shuffle: bool = False                # mini-batches from a seeded permutation instead of in order (verl: in order)
     steps: int = 100                     # RL steps (one rollout batch each)
-    prompts_per_step: int = 32           # P, global
-    n_samples: int = 8                   # n, responses per prompt (the group)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    mini_batches: int = 4                # optimizer steps per rollout batch (the authors used 4)
-    ppo_epochs: int = 2                  # passes over the rollout batch
-    micro_batch_size: int = 64           # sequences per forward/backward on one rank
+    eval_every: int = 20                 # held-out evaluation every N steps, and at step 0 and the end (0: only those)
     lr: float = 1e-4                     # built-in model; real models: 1e-6
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    schedule: Literal["constant", "cosine"] = "constant"
-    grad_clip: float = 1.0
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2           # clip-higher: 0.28
-    dual_clip: float = 0.0               # c > 1 bounds the loss of A < 0 tokens by -c A (e.g. 3)
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
-    kl_coef: float = 0.0                 # beta; 0 = no KL term (KL to pi_ref is still logged)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    kl_in: Literal["loss", "reward"] = "loss"
-    entropy_coef: float = 0.0
-    no_std_norm: bool = False            # Dr. GRPO: A = r - mean(r)
-    seed: int = 0
-    # data
-    prompt_key: str = "question"
-    answer_key: str = "answer"
-    skip_bad_rows: bool = False
-    eval_data: str = ""
-    max_len: int = 512
-    train_size: int = 8000               # built-in task
-    eval_size: int = 200
-    difficulty: int = 2
-    max_num: int = 5
-    # evaluation, logging
-    eval_every: int = 20                 # held-out evaluation every N steps (0: only at the end)
-    eval_k: int = 4
-    eval_temperature: float = 1.0
-    rollout: Literal["vllm", "hf"] = "vllm"
-    gpu_memory_utilization: float = 0.3
-    track: Literal["none", "wandb", "tensorboard"] = "none"
-    trust_remote_code: bool = False
-    # checkpoints and faults
-    save_every: int = 50                 # sharded checkpoint every N steps (0: none) and at the end / on SIGTERM
-    keep_last: int = 2                   # complete checkpoints kept (0 = all)
-    export_every_save: bool = False      # also write an HF folder (safetensors) at every checkpoint
-    resume: bool = False                 # continue from the latest complete checkpoint in out_dir
-    max_bad_steps: int = 5               # abort after this many consecutive non-finite steps
-    inject_nan: tuple[int, ...] = ()     # fault injection for tests: steps whose loss is made NaN
+    warmup_steps: int = 0                # linear warmup (RL steps)
+    schedule: Literal["constant", "cosine"] = "constant"  # after warmup: constant, or cosine to 0 at --steps
+    weight_decay: float = 0.01           # AdamW
+    grad_clip: float = 1.0               # global grad-norm clip
 
 
+# --- algorithm ---
 def group_advantages(r, std_norm=True):
-    """r [P, n] -> A [P, n]: reward minus the group mean, over the group's (unbiased) std."""
+    """r [P, n] -> A [P, n] = (r - mean) / (std + 1e-6) per group (unbiased std); A = 0 where all r are equal."""
     a = r - r.mean(1, keepdim=True)
-    if std_norm:
-        a = a / (r.std(1, keepdim=True) + 1e-6)
-    return torch.where(r.std(1, keepdim=True) > 0, a, torch.zeros_like(a))
+    a = a / (r.std(1, keepdim=True) + 1e-6) if std_norm else a
+    return torch.where(r.std(1, keepdim=True) > 0, a, 0.0)
+# --- end algorithm ---
+
+
+def get_lr(step, args):
+    """Learning rate of RL step `step` (0-based): linear warmup, then constant or cosine decay to 0 at --steps."""
+    warm = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    return args.lr * warm * (0.5 * (1 + math.cos(math.pi * step / args.steps)) if args.schedule == "cosine" else 1.0)
+
+
+def rl_update(policy, opt, guard, b, args, world=1, nan=False):
+    """One rollout batch -> --ppo-epochs x --mini-batches optimizer steps, mini-batches in order (--shuffle: a
+    seeded permutation). Each minimises, over the tokens of its rows with b.in_loss (all, unless --drop-rejected),
+        l_t = pg_t - c_H H_t (+ beta k(pi_theta, pi_ref)_t with --kl-in loss),   pg_t = max(-A s, -A clip(s))
+    aggregated with the mini-batch's GLOBAL token/sequence counts as denominators (all ranks, all micro-batches).
+    Every rank holds the same number of rows, so every rank makes the same calls. b.old_logp None (on-policy: one
+    mini-batch, one epoch): pi_old is the current policy, so the update's own forward, detached, serves as it."""
+    on_policy, lm = b.old_logp is None, b.mask * b.in_loss[:, None]
+    b.old_logp = torch.zeros_like(b.mask) if on_policy else b.old_logp
+    st = dict(loss=0.0, clip_frac=0.0, entropy=0.0, grad_norm=0.0, updates=0)
+    rows = torch.arange(len(b.ids), device=b.ids.device)
+    for epoch in range(args.ppo_epochs):
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        order = rows[torch.randperm(len(rows), generator=gen).to(rows.device)] if args.shuffle else rows
+        for mb in order.tensor_split(args.mini_batches):
+            n_tok, n_seq = dist.all_reduce([lm[mb].sum().item(), b.in_loss[mb].sum().item()]).tolist()
+            for r in mb.split(args.micro_batch_size):
+                logp, ent = policy(b.ids[r], b.attn[r], M.logprob_head(b.targets[r], args.temperature))
+                if on_policy:
+                    b.old_logp[r] = logp.detach()
+                # --- algorithm ---
+                pg, clipped = losses.policy_loss(logp, b.old_logp[r], b.adv[r], args.clip_eps_low, args.clip_eps_high,
+                                                 args.dual_clip)
+                # --- end algorithm ---
+                loss_t = pg - args.entropy_coef * ent
+                if args.kl_coef > 0 and args.kl_in == "loss":
+                    loss_t = loss_t + args.kl_coef * losses.kl(logp, b.ref_logp[r], args.kl_estimator)
+                loss = losses.aggregate(loss_t, lm[r], args.loss_agg, n_tok, n_seq, args.max_new_tokens)
+                (loss * world * (math.nan if nan else 1.0)).backward()  # FSDP averages over ranks: x world
+                st["loss"] += loss.item()
+                st["clip_frac"] += (clipped * lm[r]).sum().item() / max(n_tok, 1)
+                st["entropy"] += (ent.detach() * b.mask[r]).sum().item() / args.ppo_epochs
+            gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+            gn = (gn.full_tensor() if hasattr(gn, "full_tensor") else gn).item()
+            if guard.check(math.isfinite(gn)):  # a non-finite step is skipped (every rank agrees) and counted
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            st["grad_norm"] += gn
+            st["updates"] += 1
+    return st
 
 
 def main(args: Args):
     d = dist.setup(args.seed)
-    out = Path(args.out_dir or "runs/grpo")
-    out.mkdir(parents=True, exist_ok=True)
+    assert args.prompts_per_step % d.world == 0, f"--prompts-per-step {args.prompts_per_step}: not divisible by {d.world} ranks"
+    (out := Path(args.out_dir or f"runs/{NAME}")).mkdir(parents=True, exist_ok=True)
     lm, tok = M.load(args.model, trust_remote_code=args.trust_remote_code)
-    train_rows, eval_rows = data.load_split(args, tok)
+    train_rows, eval_rows = data.load_split(args, tok, context_limit(M.resolve(args.model), args.max_len, args.trust_remote_code))
     if d.main:
         (out / "args.json").write_text(json.dumps(asdict(args), indent=1))
     policy = dist.wrap_fsdp(M.WithHead(lm), M.decoder_layers(lm), d.device)
-    ref_shards = dist.local_shards(policy)  # pi_ref = initial weights, this rank's shard, in CPU memory
+    ref = dist.local_shards(policy)  # pi_ref = the initial weights: this rank's shard, in CPU memory
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)) * (
-        0.5 * (1 + math.cos(math.pi * s / args.steps)) if args.schedule == "cosine" else 1.0))
     engine = Engine(M.resolve(args.model), args.rollout, seed=args.seed, max_model_len=args.max_len,
                     gpu_memory_utilization=args.gpu_memory_utilization, trust_remote_code=args.trust_remote_code)
-    stop, guard = checkpoint.StopFlag(), checkpoint.BadStepGuard(args.max_bad_steps, out)
-    start = 0
+    stop, guard, start = checkpoint.StopFlag(), checkpoint.BadStepGuard(args.max_bad_steps, out), 0
     if args.resume and (ckpt := checkpoint.latest(out)):
-        st = checkpoint.resume(ckpt, policy, opt, sched)
-        start, ref_shards = st["step"], st["extra"]["ref"]
+        st = checkpoint.resume(ckpt, policy, opt)
+        start, ref = st["step"], st["extra"]["ref"]
         engine.sync(dist.full_state_items(policy))  # the engine started from the initial weights
-        dist.print0(f"[grpo] resumed from {ckpt} at step {start}")
+        dist.print0(f"[{NAME}] resumed from {ckpt} at step {start}")
     log = Logger(out, args.steps, d.main, None if args.track == "none" else args.track, out.name, asdict(args), start)
-    P = args.prompts_per_step // d.world  # prompts per rank
-    per_epoch = len(train_rows) // args.prompts_per_step
+    P, n = args.prompts_per_step // d.world, args.n_samples
+    is_eval = lambda s: (args.eval_every and s % args.eval_every == 0) or s == args.steps
 
     def run_eval(step):
         ev = evaluate(engine, eval_rows, tok, k=args.eval_k, temperature=args.eval_temperature,
@@ -121,105 +147,55 @@ def main(args: Args):
     if start == 0:
         run_eval(0)
     for step in range(start, args.steps):
+        for g in opt.param_groups:
+            g["lr"] = get_lr(step, args)
         t = {"start": time.time()}
-        # 1. sample prompts (same permutation on every rank; each rank takes its slice) and generate
-        epoch, pos = divmod(step, per_epoch)
-        perm = np.random.default_rng(args.seed + epoch).permutation(len(train_rows))
-        idx = perm[pos * args.prompts_per_step:(pos + 1) * args.prompts_per_step][d.rank * P:(d.rank + 1) * P]
-        batch = [train_rows[i] for i in idx]
-        groups = engine.generate([data.format_prompt(tok, r["question"]) for r in batch], n=args.n_samples,
-                                 temperature=args.temperature, top_p=args.top_p,
-                                 max_new_tokens=args.max_new_tokens, seed=args.seed * 100_003 + step * d.world + d.rank)
+        # 1. generate n responses per prompt and score them
+        batch = [train_rows[i] for i in data.batch_indices(len(train_rows), step, args.prompts_per_step, args.seed, d.rank, d.world)]
+        prompts, answers, seed = [data.format_prompt(tok, x["question"]) for x in batch], [x["answer"] for x in batch], args.seed * 100_003 + step * d.world + d.rank
+        # --- algorithm ---
+        groups = engine.generate(prompts, n=n, temperature=args.temperature, top_p=args.top_p,
+                                 max_new_tokens=args.max_new_tokens, seed=seed)
+        # --- end algorithm ---
         engine.sleep()
-        t["generate"] = time.time()
-        # 2. rewards
         samples = [s for g in groups for s in g]
-        scores, rstats = rewards.score_batch([s.text for s in samples], [r["answer"] for r in batch for _ in range(args.n_samples)])
-        r = torch.tensor(scores, dtype=torch.float32).view(P, args.n_samples)
-        t["score"] = time.time()
-        # 3. old (pi_old, recomputed by the trainer) and reference log-probs of every response token
+        scores, rstats = rewards.score_batch([s.text for s in samples], [a for a in answers for _ in range(n)])
+        r = torch.tensor(scores, device=d.device).view(P, n)
+        t["generate"] = time.time()
+        # 2. the batch, on the device once: token ids, response-token mask, pi_old and pi_ref log-probs as needed
         ids, attn, targets = data.collate([(s.prompt_ids + s.response_ids, len(s.prompt_ids)) for s in samples],
-                                          tok.pad_token_id)
-        mask = (targets != -100).float()
-        n_micro = int(dist.all_reduce(math.ceil(len(ids) / args.micro_batch_size), "max"))
-        old_logp, _ = M.batched_logprobs(policy, ids, attn, targets, args.temperature, args.micro_batch_size, n_micro)
-        with dist.swapped_weights(policy, ref_shards):
-            ref_logp, _ = M.batched_logprobs(policy, ids, attn, targets, args.temperature, args.micro_batch_size, n_micro)
-        kl_tok = losses.kl(old_logp, ref_logp, args.kl_estimator) * mask
-        if args.kl_coef > 0 and args.kl_in == "reward":  # r <- r - beta * sum_t k1_t, with pi_old
-            r = r - args.kl_coef * (losses.kl(old_logp, ref_logp, "k1") * mask).sum(-1).view(P, args.n_samples)
+                                          tok.pad_token_id, d.device)
+        b = SimpleNamespace(ids=ids, attn=attn, targets=targets, mask=(targets != -100).float(), old_logp=None, ref_logp=None)
+        kl_reward, kl_tok = args.kl_coef > 0 and args.kl_in == "reward", None
+        if args.mini_batches > 1 or args.ppo_epochs > 1 or kl_reward:  # else on-policy: rl_update's own forward
+            b.old_logp = M.batched_logprobs(policy, ids, attn, targets, args.temperature, args.micro_batch_size)
+        if args.kl_coef > 0 or is_eval(step + 1):  # KL to pi_ref: in the loss/reward, or for the log on eval steps
+            with dist.swapped_weights(policy, ref):
+                b.ref_logp = M.batched_logprobs(policy, ids, attn, targets, args.temperature, args.micro_batch_size)
+        kl_pen = args.kl_coef * losses.kl(b.old_logp, b.ref_logp, "k1") if kl_reward else None  # beta k1_t, pi_old
+        r_tok = losses.token_rewards(r, b.mask, kl_pen)  # the outcome on the last token, - beta k1_t (as verl)
         t["logprob"] = time.time()
-        # 4. advantages: THE ALGORITHM
-        adv = group_advantages(r, not args.no_std_norm).flatten()
-        keep = torch.ones(len(ids), dtype=torch.bool)
-        # 5. clipped policy-gradient update over mini-batches (global token counts as denominators)
-        rows_all = torch.nonzero(keep)[:, 0]
-        stats = {"loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}  # means over the updates
-        n_updates = args.mini_batches * args.ppo_epochs
-        for _ in range(args.ppo_epochs):
-            for mb in torch.tensor_split(rows_all[torch.randperm(len(rows_all))], args.mini_batches):
-                n_tok = dist.all_reduce(mask[mb].sum().item())
-                n_seq = dist.all_reduce(len(mb))
-                if n_seq == 0:  # nothing kept anywhere (same decision on every rank)
-                    continue
-                n_mb_micro = int(dist.all_reduce(math.ceil(len(mb) / args.micro_batch_size), "max"))
-                for k in range(n_mb_micro):
-                    rows = mb[k * args.micro_batch_size:(k + 1) * args.micro_batch_size]
-                    weight = 1.0 if len(rows) else 0.0  # a rank without rows still joins the collectives
-                    rows = rows if len(rows) else torch.arange(1)
-                    logp, ent = policy(ids[rows].to(d.device), attn[rows].to(d.device),
-                                       M.logprob_head(targets[rows].to(d.device), args.temperature))
-                    logp, ent, m = logp.float().cpu(), ent.float().cpu(), mask[rows]
-                    pl, clipped = losses.policy_loss(logp, old_logp[rows], adv[rows, None], args.clip_eps_low,
-                                                     args.clip_eps_high, args.dual_clip)
-                    loss_t = pl - args.entropy_coef * ent
-                    if args.kl_coef > 0 and args.kl_in == "loss":
-                        loss_t = loss_t + args.kl_coef * losses.kl(logp, ref_logp[rows], args.kl_estimator)
-                    agg = lambda x: losses.aggregate(x, m, args.loss_agg, n_tok, n_seq, args.max_new_tokens)
-                    loss = agg(loss_t) * weight * (float("nan") if step + 1 in args.inject_nan else 1.0)
-                    (loss * d.world).backward()  # FSDP averages over ranks; the denominators are global
-                    stats["loss"] += loss.item() / n_updates
-                    stats["clip_frac"] += (clipped * m).sum().item() * weight / n_tok / n_updates
-                    stats["entropy"] += (ent.detach() * m).sum().item() * weight / n_tok / n_updates
-                gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-                gn = (gn.full_tensor() if hasattr(gn, "full_tensor") else gn).item()
-                if guard.check(math.isfinite(gn)):  # a non-finite step is skipped and counted
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
-                stats["grad_norm"] += gn / n_updates
-        sched.step()
+        # 3. ALGO LOGIC: advantages A [B, T] and the rows whose tokens count in the loss
+        # --- algorithm ---
+        adv = group_advantages(r_tok.sum(-1).view(P, n), not args.no_std_norm)
+        b.in_loss = torch.ones(len(ids), dtype=torch.bool, device=d.device)
+        # --- end algorithm ---
+        b.adv = adv.reshape(len(ids), -1).expand_as(b.mask) * b.mask
+        # 4. policy update, then push the new weights into the engine (streamed shard by shard)
+        upd = rl_update(policy, opt, guard, b, args, d.world, nan=step + 1 in args.inject_nan)
         t["update"] = time.time()
-        # 6. push the new weights into the engine (streamed shard by shard; wakes a sleeping engine)
         engine.sync(dist.full_state_items(policy))
         t["sync"] = time.time()
-        # 7. metrics (global means over ranks)
-        gap = (torch.tensor([lp for s in samples for lp in s.logprobs]) - old_logp[mask.bool()]).abs().sum().item()
-        lengths = mask.sum(-1)
-        sums = {"reward": r.sum().item(), "accuracy": sum(scores), "adv_mean": adv.sum().item(),
-                "adv_sq": (adv ** 2).sum().item(), "response_len": lengths.sum().item(),
-                "truncated": sum(s.finish == "length" for s in samples), "kept": keep.sum().item()}
-        counts = {k: len(samples) for k in sums}
-        sums |= {"zero_var_groups": (r.std(1) == 0).sum().item(), "kl_ref": kl_tok.sum().item(),
-                 "logprob_gap": gap, "reward_failures": rstats["timeouts"] + rstats["errors"]}
-        counts |= {"zero_var_groups": P, "kl_ref": mask.sum().item(), "logprob_gap": mask.sum().item(),
-                   "reward_failures": 1.0 / d.world}
-        m = dist.mean_metrics(sums, counts) | {k: v for k, v in stats.items() if k == "grad_norm"}
-        m["bad_steps"] = guard.total
-        m |= dict(zip(["loss", "clip_frac", "entropy"], dist.all_reduce([stats[k] for k in ("loss", "clip_frac", "entropy")]).tolist()))
-        m["adv_std"] = max(m.pop("adv_sq") - m["adv_mean"] ** 2, 0.0) ** 0.5
-        m["gen_tokens_per_s"] = dist.all_reduce(engine.last_gen_tokens) / (t["generate"] - t["start"])
-        m |= {f"time_{k}": t[k] - t[prev] for prev, k in zip(list(t)[:-1], list(t)[1:])}
+        if b.ref_logp is not None:
+            kl_tok = losses.kl(b.old_logp, b.ref_logp, args.kl_estimator)
+        m = rl_step_metrics(r, b, samples, upd, rstats, kl_tok, t, engine.last_gen_tokens, d.world)
+        m |= {"bad_steps": guard.total, "lr": get_lr(step, args)}
         log.log(step + 1, {f"train/{k}": v for k, v in m.items()},
-                ["train/reward", "train/accuracy", "train/entropy", "train/kl_ref", "train/clip_frac"])
-        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
+                ["train/reward", "train/entropy", "train/kl_ref", "train/clip_frac", "train/time_update"])
+        if is_eval(step + 1):
             run_eval(step + 1)
-        stopping = stop.should_stop()
-        if ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps or stopping) and not guard.consecutive:
-            path = checkpoint.save(out, step + 1, policy, opt, sched, extra={"ref": ref_shards}, keep_last=args.keep_last)
-            if args.export_every_save:
-                checkpoint.export_hf(policy, tok, path / "hf", d.main)
-        if stopping:
-            dist.print0(f"[grpo] stopped by signal after step {step + 1}; resume with --resume")
+        if checkpoint.save_or_stop(step + 1, args.steps, args.save_every, out, policy, opt, stop, guard, {"ref": ref},
+                                   args.keep_last, args.export_every_save and (tok,), NAME):
             break
     else:
         checkpoint.export_hf(policy, tok, out / "hf", d.main)

@@ -16,7 +16,7 @@ PANELS = [("train/accuracy", "train accuracy"), ("train/entropy", "entropy"), ("
 
 @dataclass
 class Args:
-    runs: tuple[str, ...]                # run folders (each with a metrics.jsonl)
+    runs: tyro.conf.Positional[tuple[str, ...]]  # run folders (each with a metrics.jsonl)
     out: str = "runs/curves.png"
     labels: tuple[str, ...] = ()         # legend labels (default: folder names)
 

@@ -204,6 +204,22 @@ def resume(path, model, optimizer, scheduler=None):
     return {"step": int(meta["step"]), "extra": mine["extra"]}
 
 
+def save_or_stop(step, total, save_every, run_dir, model, optimizer, stop, guard, extra=None, keep_last=2,
+                 export=None, name="trainer"):
+    """The end of every training step (collective): checkpoint `step` every `save_every` steps (0: never
+    on a schedule), at the last step and when a stop signal came, unless the last steps were non-finite
+    (the checkpoint before them stays the newest). export = (tokenizer,) also writes an HF folder inside the
+    checkpoint. Returns True when the run must stop now (a signal: the caller exits 0 after cleanup)."""
+    stopping = stop.should_stop()
+    if ((save_every and step % save_every == 0) or step == total or stopping) and not guard.consecutive:
+        path = save(run_dir, step, model, optimizer, extra=extra, keep_last=keep_last)
+        if export:
+            export_hf(model, export[0], path / "hf", _rank_world()[0] == 0)
+    if stopping and _rank_world()[0] == 0:
+        print(f"[{name}] stopped by signal after step {step}; resume with --resume", flush=True)
+    return stopping
+
+
 class StopFlag:
     """The first SIGTERM/SIGINT sets a flag (the trainer finishes its step, saves and exits 0); a second
     SIGINT raises KeyboardInterrupt. `should_stop()` is collective (max over ranks), so every rank stops

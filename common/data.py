@@ -16,6 +16,7 @@ import random
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -158,6 +159,16 @@ def _parse_expr(s):
 
 
 # ----------------------------------------------------------------------------- batches
+def batch_indices(n_rows, step, per_step, seed, rank, world):
+    """Row indices of this rank's share of global batch `step`: one seeded permutation of the rows per epoch
+    (the same on every rank), the step's `per_step` consecutive rows, and this rank's equal contiguous share."""
+    assert per_step % world == 0, f"a batch of {per_step} is not divisible by {world} ranks"
+    epoch, pos = divmod(step, n_rows // per_step)
+    perm = np.random.default_rng(seed + epoch).permutation(n_rows)
+    mine = per_step // world
+    return perm[pos * per_step + rank * mine:pos * per_step + (rank + 1) * mine]
+
+
 def collate(seqs, pad_id, device="cpu"):
     """Right-padded ids, attention mask and next-token targets (-100 on prompt and padding)."""
     T = max(len(ids) for ids, _ in seqs)
@@ -306,7 +317,8 @@ def load_split(args, tokenizer, max_len=None):
               **limit_kwargs(args.max_len, max_len))
     rows, skipped = load_rows(args.data, **kw)
     if skipped:
-        print(f"[data] skipped {skipped} bad rows of {args.data}")
+        from common.dist import print0
+        print0(f"[data] skipped {skipped} bad rows of {args.data}")
     if getattr(args, "eval_data", None):
         kw["response_key"] = None
         return rows, load_rows(args.eval_data, **kw)[0][:args.eval_size]

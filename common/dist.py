@@ -90,11 +90,18 @@ def full_state_items(model, prefix="lm."):
 
 
 def all_reduce(x, op="sum"):
-    """All-reduce a python number or tensor across ranks (on CPU for gloo, on the device for NCCL)."""
+    """All-reduce a python number (-> float) or a list/tensor (-> CPU float64 tensor) across ranks, on CPU for
+    gloo and on the device for NCCL. Without a process group (a unit test) it returns x itself, reduced
+    over the one process there is."""
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     t = torch.as_tensor(x, dtype=torch.float64, device=dev).clone()
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    if dist.is_initialized():
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t.item() if t.dim() == 0 else t.cpu()
+
+
+def is_main():
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def mean_metrics(sums, counts=None):
@@ -125,9 +132,10 @@ def local_shards(model):
 @contextmanager
 def swapped_weights(model, shards):
     """Run the model with other weights (as returned by `local_shards`) inside the block, then restore.
-    Used for pi_ref: its shards live in CPU memory, so no second model occupies the device."""
+    Used for pi_ref: its shards live in CPU memory, and the current shards are parked in CPU memory while
+    pi_ref's are in place, so the device never holds a second copy of this rank's weights."""
     params = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    current = [p.detach().clone() for p in params]
+    current = [p.detach().to("cpu", copy=True) for p in params]
     reshard(model)
     with torch.no_grad():
         for p, s in zip(params, shards):

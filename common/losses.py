@@ -6,12 +6,13 @@ import torch
 def policy_loss(logp, old_logp, adv, eps_low=0.2, eps_high=0.2, dual_clip=0.0, clip=True):
     """PPO-style clipped surrogate per token: max(-A s, -A clip(s, 1-eps_low, 1+eps_high)), s = e^(logp-old).
     dual_clip = c > 1 additionally bounds the loss of negative-advantage tokens by -c A (Ye et al. 2020),
-    so one huge ratio on a bad sample cannot dominate. clip=False gives the plain importance-sampled
-    policy gradient -A s. Returns (loss per token, 1.0 where the clip was active)."""
+    so one huge ratio on a bad sample cannot dominate. clip=False is the vanilla policy gradient -A log pi
+    (Minimal-RL's "vanilla" loss, i.e. RAFT: SFT on the selected responses); it has the gradient of -A s
+    only at s = 1. Returns (loss per token, 1.0 where the clip was active)."""
+    if not clip:
+        return -adv * logp, torch.zeros_like(logp)
     ratio = torch.exp((logp - old_logp).clamp(-20, 20))
     unclipped = -adv * ratio
-    if not clip:
-        return unclipped, torch.zeros_like(unclipped)
     clipped = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
     loss = torch.maximum(unclipped, clipped)
     was_clipped = (clipped > unclipped).float()
@@ -46,12 +47,23 @@ def aggregate(loss, mask, mode, n_tokens, n_seqs, max_len=None):
 def kl(logp, ref_logp, estimator="k3"):
     """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman's k1/k2/k3),
     with delta = log pi_ref - log pi_theta clamped to +-20 so that one outlier cannot overflow.
-      k1 = -delta  (unbiased, can be negative)   k2 = delta^2 / 2   k3 = e^delta - delta - 1 (unbiased, >= 0)"""
+      k1 = -delta  (unbiased, can be negative)   k2 = delta^2 / 2   k3 = min(e^delta - delta - 1, 10)
+    k3 (unbiased, >= 0) is clamped at 10 in value and gradient, as verl's and Minimal-RL's low_var_kl: a token
+    whose reference log-prob is far above the policy's (delta > ~2.5) then adds a constant and no gradient."""
     delta = (ref_logp - logp).clamp(-20, 20)
     if estimator == "k1":
         return -delta
     if estimator == "k2":
         return 0.5 * delta ** 2
     if estimator == "k3":
-        return torch.exp(delta) - delta - 1
+        return (torch.exp(delta) - delta - 1).clamp(max=10.0)
     raise ValueError(f"--kl-estimator {estimator!r}: expected k1, k2 or k3")
+
+
+def token_rewards(r, mask, kl_penalty=None):
+    """Token-level rewards [B, T] as verl builds them: the outcome reward r [B] on each response's last token
+    (mask [B, T], 1 on response tokens), minus kl_penalty [B, T] (beta k1_t with --kl-in reward) on every
+    response token. Summed over t it is r - beta sum_t k1_t; summed from t on, the reward-to-go."""
+    last = mask.cumsum(-1).argmax(-1, keepdim=True)  # the first index of the maximum = the last response token
+    out = torch.zeros_like(mask).scatter(1, last, r.reshape(-1, 1).to(mask.dtype))
+    return out if kl_penalty is None else out - kl_penalty * mask

@@ -43,6 +43,32 @@ class Logger:
         print(f"[{bar}] {step}/{self.total} {el:5.0f}s eta {eta:4.0f}s | {vals}", file=sys.stdout, flush=True)
 
 
+def rl_step_metrics(r, b, samples, upd, rstats, kl_tok, t, gen_tokens, world):
+    """One RL step's log: global means over ranks, each a named sum divided by a named count, in one
+    all-reduce. r [P, n] rewards; b the step's batch (mask, adv, old_logp, in_loss); upd rl_update's sums;
+    kl_tok per-token KL to pi_ref (None on steps where pi_ref was not run); t phase end times."""
+    import torch
+    from common.dist import all_reduce, mean_metrics
+    B, n_tok = len(samples), b.mask.sum().item()
+    vllm_lp = torch.tensor([x for s in samples for x in s.logprobs], device=b.mask.device)
+    sums = {"reward": (r.sum().item(), B), "accuracy": ((r > 0).sum().item(), B),
+            "adv_mean": ((b.adv * b.mask).sum().item(), n_tok), "adv_sq": ((b.adv ** 2 * b.mask).sum().item(), n_tok),
+            "nonzero_adv": (((b.adv * b.mask).abs().sum(-1) > 0).sum().item(), B),  # responses with a gradient
+            "in_loss": (b.in_loss.sum().item(), B), "response_len": (n_tok, B),
+            "truncated": (sum(s.finish == "length" for s in samples), B),
+            "zero_var_groups": ((r.std(1) == 0).sum().item(), len(r)), "entropy": (upd["entropy"], n_tok),
+            "logprob_gap": ((vllm_lp - b.old_logp[b.mask.bool()]).abs().sum().item(), n_tok),  # vLLM vs trainer
+            "reward_failures": (rstats["timeouts"] + rstats["errors"], 1.0 / world)}  # a count, not a mean
+    if kl_tok is not None:
+        sums["kl_ref"] = ((kl_tok * b.mask).sum().item(), n_tok)
+    m = mean_metrics({k: v for k, (v, _) in sums.items()}, {k: c for k, (_, c) in sums.items()})
+    m["adv_std"] = max(m.pop("adv_sq") - m["adv_mean"] ** 2, 0.0) ** 0.5
+    loss, clip_frac = all_reduce([upd["loss"], upd["clip_frac"]]).tolist()  # per-rank shares of global means
+    m |= {"loss": loss / upd["updates"], "clip_frac": clip_frac / upd["updates"], "grad_norm": upd["grad_norm"] / upd["updates"],
+          "gen_tokens_per_s": all_reduce(gen_tokens) / (t["generate"] - t["start"])}
+    return m | {f"time_{k}": t[k] - t[prev] for prev, k in zip(list(t)[:-1], list(t)[1:])}
+
+
 def read(path):
     """All rows of a metrics.jsonl (for plots, tests and tables)."""
     with open(path) as f:

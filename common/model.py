@@ -170,18 +170,13 @@ def logprob_head(targets, temperature=1.0, with_entropy=True):
 
 
 @torch.no_grad()
-def batched_logprobs(policy, ids, attn, targets, temperature, micro_batch, n_micro):
-    """No-grad per-token log-probs and entropies of a whole local batch, `n_micro` forwards of
-    `micro_batch` rows (n_micro is the max over ranks: FSDP needs the same number of calls on every
-    rank, so a rank with fewer rows repeats its first rows and drops the result)."""
-    logps, ents = torch.zeros(targets.shape), torch.zeros(targets.shape)
-    for k in range(n_micro):
-        rows = torch.arange(k * micro_batch, min((k + 1) * micro_batch, len(ids)))
-        fake = len(rows) == 0
-        r = torch.arange(min(1, len(ids))) if fake else rows
-        logp, ent = policy(ids[r], attn[r], logprob_head(targets[r], temperature))
-        if not fake:
-            logps[rows], ents[rows] = logp.float().cpu(), ent.float().cpu()
+def batched_logprobs(policy, ids, attn, targets, temperature, micro_batch):
+    """No-grad per-token log-probs [B, T] (0 off the response) of a whole local batch, on its device, in
+    forwards of `micro_batch` rows. Every rank holds the same number of rows, so every rank runs the same
+    number of forwards (FSDP's collectives need that); the gathered parameters are freed afterwards."""
+    out = torch.zeros(targets.shape, device=ids.device)
+    for r in torch.arange(len(ids), device=ids.device).split(micro_batch):
+        out[r] = policy(ids[r], attn[r], logprob_head(targets[r], temperature, with_entropy=False))[0].float()
     from common.dist import reshard
     reshard(policy)
-    return logps, ents
+    return out

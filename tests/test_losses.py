@@ -48,9 +48,9 @@ def test_dual_clip_bounds_negative_advantages():
     assert torch.allclose(loss, _hand_policy_loss(dual=3.0), atol=1e-6)
 
 
-def test_no_clip_is_plain_importance_sampling():
-    loss, clipped = losses.policy_loss(LOGP, OLD, ADV, clip=False)
-    assert torch.allclose(loss, -ADV * torch.exp(LOGP - OLD)) and clipped.sum() == 0
+def test_no_clip_is_the_vanilla_policy_gradient():
+    loss, clipped = losses.policy_loss(LOGP, OLD, ADV, clip=False)  # RAFT / Minimal-RL's vanilla: -A log pi
+    assert torch.allclose(loss, -ADV * LOGP) and clipped.sum() == 0
 
 
 def test_aggregation_modes_by_hand():
@@ -84,7 +84,7 @@ def test_kl_estimators():
     assert torch.allclose(losses.kl(logp, ref, "k2"), 0.5 * d ** 2)
     assert torch.allclose(losses.kl(logp, ref, "k3"), torch.exp(d) - d - 1)
     assert (losses.kl(logp, ref, "k3") >= 0).all() and losses.kl(logp, ref, "k3")[2] == 0
-    big = losses.kl(torch.tensor([0.0]), torch.tensor([100.0]), "k3")  # delta clamped to 20: finite
-    assert torch.isfinite(big).all() and abs(big.item() - (math.exp(20) - 21)) < 1e-2 * math.exp(20)
+    big = losses.kl(torch.tensor([0.0]), torch.tensor([100.0]), "k3")  # k3 clamped at 10, as verl
+    assert big.item() == 10.0
     with pytest.raises(ValueError, match="--kl-estimator"):
         losses.kl(logp, ref, "k4")

@@ -71,15 +71,15 @@ def cold_start(tmp_path_factory):
     return out / "hf"
 
 
-# Per trainer, from one step's logged metrics: (the fraction of responses the algorithm keeps, as the
-# algorithm defines it, computed independently from other logged quantities; whether any response got a
-# non-zero advantage). With 0/1 rewards: RAFT++ keeps exactly the correct responses (in a group with a
-# success every correct response has the maximal reward); Reinforce-rej keeps the responses of mixed groups;
-# GRPO's advantage is non-zero exactly in mixed groups; ReMax's wherever a sample's reward differs from its
-# greedy response's (then the advantages' mean or spread is non-zero).
+# Per trainer, from one step's logged metrics: (the fraction of responses with a non-zero advantage, as the
+# algorithm prescribes it for the rewards drawn, computed independently from other logged quantities, or None;
+# whether any response has a non-zero advantage). With 0/1 rewards: GRPO's and Reinforce-rej's advantages are
+# non-zero exactly in the groups with mixed rewards; RAFT++ gives A = 1 exactly to the correct responses (in a
+# group with a success every correct response has the best reward); ReMax wherever a sample's reward differs
+# from its greedy response's.
 EXPECT = {
-    "grpo.py": lambda r: (1.0, r["train/zero_var_groups"] < 1),
-    "remax.py": lambda r: (1.0, r["train/adv_mean"] != 0 or r["train/adv_std"] > 0),
+    "grpo.py": lambda r: (1 - r["train/zero_var_groups"], r["train/zero_var_groups"] < 1),
+    "remax.py": lambda r: (None, r["train/nonzero_adv"] > 0),
     "raftpp.py": lambda r: (r["train/accuracy"], r["train/accuracy"] > 0),
     "reinforce_rej.py": lambda r: (1 - r["train/zero_var_groups"], r["train/zero_var_groups"] < 1),
 }
@@ -88,8 +88,8 @@ EXPECT = {
 @pytest.mark.slow
 @pytest.mark.parametrize("trainer", list(EXPECT))
 def test_two_steps_update_exactly_when_there_is_signal(cold_start, tmp_path, trainer):
-    """Two RL steps. Whatever the model sampled: the kept fraction is what the algorithm prescribes for the
-    rewards drawn, and the weights change if and only if some response had a non-zero advantage. Weight decay
+    """Two RL steps. Whatever the model sampled: the share of responses with a non-zero advantage is what the
+    algorithm prescribes for the rewards drawn, and the weights change if and only if there was one. Weight decay
     is off, so a step whose advantages are all zero has exactly zero gradient and must leave every weight
     bit-identical (and any non-zero advantage must move them)."""
     out = tmp_path / trainer
@@ -106,10 +106,14 @@ def test_two_steps_update_exactly_when_there_is_signal(cold_start, tmp_path, tra
             assert isinstance(v, (int, float)) and math.isfinite(v), (k, v)
     signal_seen = False
     for r in train:
-        kept, has_signal = EXPECT[trainer](r)
-        assert r["train/kept"] == pytest.approx(kept, abs=1e-9), r
-        assert (r["train/adv_std"] > 0 or r["train/adv_mean"] != 0) == has_signal or trainer == "reinforce_rej.py", r
+        nonzero, has_signal = EXPECT[trainer](r)
+        if nonzero is not None:
+            assert r["train/nonzero_adv"] == pytest.approx(nonzero, abs=1e-9), r
+        assert (r["train/adv_std"] > 0 or r["train/adv_mean"] != 0) == has_signal == (r["train/nonzero_adv"] > 0), r
+        assert r["train/in_loss"] == 1.0  # rejected responses stay in the loss (A = 0) unless --drop-rejected
         signal_seen |= has_signal
+    # KL coefficient 0: no pi_ref forward in training, only on the evaluation step (here the last) for the log
+    assert "train/kl_ref" not in train[0] and train[1]["train/kl_ref"] >= 0
     before, after = load_file(cold_start / "model.safetensors"), load_file(out / "hf" / "model.safetensors")
     changed = sum(not torch.equal(before[k], after[k]) for k in before)
     if signal_seen:
