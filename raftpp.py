@@ -45,7 +45,7 @@ class Args(RunArgs):  # + the run, data, evaluation and checkpoint flags of comm
     max_new_tokens: int = 64             # response length limit
     clip_eps_low: float = 0.2            # ratio clip: s in [1 - eps_low, 1 + eps_high]
     clip_eps_high: float = 0.2           # clip-higher (DAPO): 0.28
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"  # global denominators; see common/losses.py
+    loss_agg: losses.Agg = "token-mean"  # token-mean | seq-mean-token-mean | -token-sum | -token-sum-norm (losses.py)
     kl_coef: float = 0.0                 # beta of KL(pi_theta || pi_ref); 0 = no KL term, no pi_ref forward in training
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # Schulman's estimators (k3 clamped at 10, as verl)
     kl_in: Literal["loss", "reward"] = "loss"  # KL as a loss term, or -beta k1 per token in the reward (with pi_old)
@@ -119,10 +119,11 @@ def rl_update(policy, opt, guard, b, args, world=1, nan=False):
 
 def main(args: Args):
     d = dist.setup(args.seed)
-    assert args.prompts_per_step % d.world == 0, f"--prompts-per-step {args.prompts_per_step}: not divisible by {d.world} ranks"
+    assert args.prompts_per_step % d.world == 0, f"--prompts-per-step: not divisible by {d.world} ranks"
     (out := Path(args.out_dir or f"runs/{NAME}")).mkdir(parents=True, exist_ok=True)
     lm, tok = M.load(args.model, trust_remote_code=args.trust_remote_code)
-    train_rows, eval_rows = data.load_split(args, tok, context_limit(M.resolve(args.model), args.max_len, args.trust_remote_code))
+    limit = context_limit(M.resolve(args.model), args.max_len, args.trust_remote_code)  # what the engine accepts
+    train_rows, eval_rows = data.load_split(args, tok, limit)
     if d.main:
         (out / "args.json").write_text(json.dumps(asdict(args), indent=1))
     policy = dist.wrap_fsdp(M.WithHead(lm), M.decoder_layers(lm), d.device)
@@ -152,8 +153,10 @@ def main(args: Args):
             g["lr"] = get_lr(step, args)
         t = {"start": time.time()}
         # 1. generate n responses per prompt and score them
-        batch = [train_rows[i] for i in data.batch_indices(len(train_rows), step, args.prompts_per_step, args.seed, d.rank, d.world)]
-        prompts, answers, seed = [data.format_prompt(tok, x["question"]) for x in batch], [x["answer"] for x in batch], args.seed * 100_003 + step * d.world + d.rank
+        batch = [train_rows[i] for i in data.batch_indices(len(train_rows), step, args.prompts_per_step, args.seed,
+                                                           d.rank, d.world)]  # this rank's P prompts
+        prompts, answers = [data.format_prompt(tok, x["question"]) for x in batch], [x["answer"] for x in batch]
+        seed = args.seed * 100_003 + step * d.world + d.rank  # per rank and step; per sample inside the engine
         # --- algorithm ---
         groups = engine.generate(prompts, n=n, temperature=args.temperature, top_p=args.top_p,
                                  max_new_tokens=args.max_new_tokens, seed=seed)
@@ -166,7 +169,8 @@ def main(args: Args):
         # 2. the batch, on the device once: token ids, response-token mask, pi_old and pi_ref log-probs as needed
         ids, attn, targets = data.collate([(s.prompt_ids + s.response_ids, len(s.prompt_ids)) for s in samples],
                                           tok.pad_token_id, d.device)
-        b = SimpleNamespace(ids=ids, attn=attn, targets=targets, mask=(targets != -100).float(), old_logp=None, ref_logp=None)
+        b = SimpleNamespace(ids=ids, attn=attn, targets=targets, mask=(targets != -100).float(), old_logp=None,
+                            ref_logp=None)
         kl_reward, kl_tok = args.kl_coef > 0 and args.kl_in == "reward", None
         if args.mini_batches > 1 or args.ppo_epochs > 1 or kl_reward:  # else on-policy: rl_update's own forward
             b.old_logp = M.batched_logprobs(policy, ids, attn, targets, args.temperature, args.micro_batch_size)

@@ -1,6 +1,10 @@
 """Losses shared by the RL trainers: the clipped policy loss, loss aggregation over the global batch,
 and the KL estimators. All per-token tensors are [B, T] with a 0/1 response mask."""
+from typing import Literal
+
 import torch
+
+Agg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]  # see aggregate
 
 
 def policy_loss(logp, old_logp, adv, eps_low=0.2, eps_high=0.2, dual_clip=0.0, clip=True):
