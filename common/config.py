@@ -33,3 +33,18 @@ class RunArgs:
     resume: bool = False                 # continue from the latest complete checkpoint in the run folder
     max_bad_steps: int = 5               # stop after this many consecutive non-finite steps
     inject_nan: tuple[int, ...] = ()     # fault injection (tests): steps whose loss is made NaN
+
+    def __post_init__(self):
+        """Checks that need no model or data, made as the command line is parsed: before any process group,
+        model or engine starts, so a bad flag costs a second and prints one line (rank 0), exit code 2."""
+        import importlib.util
+        if self.track != "none" and importlib.util.find_spec(self.track) is None:
+            _usage_error(f"--track {self.track} needs the optional {self.track} package: pip install {self.track}")
+
+
+def _usage_error(message):
+    import os
+    import sys
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)

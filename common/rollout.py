@@ -16,6 +16,7 @@ import json
 import os
 import random
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # our handler (see _quiet_vllm), not vLLM's dictConfig
+warnings.filterwarnings("ignore", message=".*reduce_op` is deprecated", category=FutureWarning)  # vLLM's Triton shim
 
 
 @dataclass
@@ -80,9 +83,7 @@ class Engine:
             self.tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
             return
         from vllm import LLM
-        import logging  # vLLM warns on every in-place reload that the rotary cache has no checkpoint weights
-        from vllm.model_executor.model_loader.reload import layerwise
-        layerwise.logger.setLevel(logging.ERROR)
+        _quiet_vllm()
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         # No chunked prefill on CPU. With it, the scheduler splits a prompt that does not fit the step's token
         # budget (max_num_batched_tokens, 4096 on CPU) over several steps; the sampler still runs for the
@@ -244,6 +245,37 @@ class Engine:
                 eng.shutdown()
             self.llm = None
             gc.collect()
+
+
+# vLLM warnings that are expected here and say nothing about the run (without this filter they were 32 of the 59
+# lines of a short run): rotary caches have no checkpoint weights to reload (recomputed); _keep_process_state
+# restores torch.set_num_threads and the RNG state that an in-process engine takes over; the CPU build's
+# performance hints (LD_PRELOAD, Triton, Inductor, model runner V2: enforce_eager on CPU is deliberate); no
+# SSM layers; chunked prefill is disabled on CPU on purpose (Engine.__init__ says why).
+HARMLESS_VLLM_WARNINGS = ("Failed to load weights", "doesn't allow to use `torch.set_num_threads`",
+                          "is not found in LD_PRELOAD", "The global random seed is set to", "Reset SSM cache type",
+                          "does not officially support disabling chunked prefill", "Triton is not installed",
+                          "Model Runner V2 requires Triton", "Inductor compilation was disabled", "Enforce eager set")
+
+
+class _HarmlessFilter:
+    def filter(self, record):
+        return not any(h in record.getMessage() for h in HARMLESS_VLLM_WARNINGS)
+
+
+def _quiet_vllm():
+    """vLLM's records (WARNING and up) through one stderr handler that drops HARMLESS_VLLM_WARNINGS. vLLM's own
+    logging set-up is off (VLLM_CONFIGURE_LOGGING=0): it would replace the handlers when an engine starts."""
+    import logging
+    import sys
+    log = logging.getLogger("vllm")
+    if not any(isinstance(f, _HarmlessFilter) for h in log.handlers for f in h.filters):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(levelname)s [vllm] %(message)s"))
+        h.addFilter(_HarmlessFilter())
+        log.addHandler(h)
+        log.setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
+        log.propagate = False
 
 
 def _tied_head(named_tensors, tied, seen):

@@ -132,6 +132,26 @@ def test_tied_head_stream():
     assert [n for n, _ in _tied_head(iter(items), False, set())] == [n for n, _ in items]
 
 
+def test_known_harmless_vllm_warnings_are_dropped_others_kept():
+    import io
+    import logging
+    from common import rollout
+    rollout._quiet_vllm()
+    rollout._quiet_vllm()  # idempotent: one handler
+    handlers = [h for h in logging.getLogger("vllm").handlers
+                if any(isinstance(f, rollout._HarmlessFilter) for f in h.filters)]
+    assert len(handlers) == 1
+    buf = io.StringIO()
+    old = handlers[0].setStream(buf)
+    try:
+        log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        log.warning("%s: Failed to load weights", "RotaryEmbedding")
+        log.warning("KV cache is too small")
+    finally:
+        handlers[0].setStream(old)
+    assert buf.getvalue() == "WARNING [vllm] KV cache is too small\n"
+
+
 def test_hf_sync_checks_names(tiny):
     eng = Engine(tiny[False], "hf", max_model_len=64)
     model, _ = load(tiny[False])
