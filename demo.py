@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parent
 
 @dataclass
 class Args:
-    out: str = "runs/demo"
+    out: str = "runs/demo"               # folder of all the demo's runs, results.md and curves.png
     nproc: int = 2                       # ranks per run (torchrun --nproc_per_node)
     sft_steps: int = 0                   # GEM / CE cold-start steps (0 = gem_sft.py default)
     rl_steps: int = 15                   # steps of each RL run
-    rl_eval_every: int = 15
+    rl_eval_every: int = 15              # held-out evaluation every N RL steps
     quick: bool = False                  # smoke test: a few steps of everything
 
 

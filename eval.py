@@ -26,20 +26,20 @@ class Args:
     limit: int = 0                       # evaluate only the first `limit` usable rows (0 = all; only they are checked)
     k: int = 8                           # samples per prompt
     ks: tuple[int, ...] = (1, 2, 4, 8)   # report pass@k for these k <= k
-    temperature: float = 1.0
+    temperature: float = 1.0             # sampling temperature (0 = greedy)
     max_new_tokens: int = 64             # the built-in task's defaults equal the trainers' (their logged eval)
-    seed: int = 0
-    prompt_key: str = "question"
-    answer_key: str = "answer"
-    skip_bad_rows: bool = False
+    seed: int = 0                        # sampling seed (each sample has its own, derived from it)
+    prompt_key: str = "question"         # data file field with the problem
+    answer_key: str = "answer"           # data file field with the gold answer
+    skip_bad_rows: bool = False          # skip (and count) invalid rows instead of stopping
     max_len: int = 4096                  # prompt + response; capped by the model's max_position_embeddings
     eval_size: int = 200                 # built-in held-out split size
-    difficulty: int = 2
-    max_num: int = 5
-    rollout: Literal["vllm", "hf"] = "vllm"
+    difficulty: int = 2                  # built-in task: operations per problem (the trainers' default)
+    max_num: int = 5                     # built-in task: operands are 1..max_num (the trainers' default)
+    rollout: Literal["vllm", "hf"] = "vllm"  # generation backend
     out: str = ""                        # JSON summary (default: <model>/eval_<data>.json or runs/eval.json)
     samples: int = 3                     # prompts whose responses are printed / saved
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False      # allow model code from the hub (off: safer)
 
 
 def main(args: Args):

@@ -17,7 +17,7 @@ PANELS = [("train/accuracy", "train accuracy"), ("train/entropy", "entropy"), ("
 @dataclass
 class Args:
     runs: tyro.conf.Positional[tuple[str, ...]]  # run folders (each with a metrics.jsonl)
-    out: str = "runs/curves.png"
+    out: str = "runs/curves.png"         # the PNG to write
     labels: tuple[str, ...] = ()         # legend labels (default: folder names)
 
 
