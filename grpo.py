@@ -23,7 +23,7 @@ import tyro
 from common import checkpoint, data, dist, losses, model as M, rewards
 from common.config import RunArgs
 from common.evaluate import evaluate
-from common.metrics import Logger, rl_step_metrics
+from common.metrics import Logger, log_samples, rl_step_metrics
 from common.rollout import Engine, context_limit
 
 NAME = Path(__file__).stem
@@ -196,6 +196,7 @@ def main(args: Args):
         m |= {"bad_steps": guard.total, "lr": get_lr(step, args)}
         log.log(step + 1, {f"train/{k}": v for k, v in m.items()},
                 ["train/reward", "train/entropy", "train/kl_ref", "train/clip_frac", "train/time_update"])
+        log_samples(log, step + 1, prompts, samples, r.flatten().tolist())  # -> samples.jsonl
         if is_eval(step + 1):
             run_eval(step + 1)
         if checkpoint.save_or_stop(step + 1, args.steps, args.save_every, out, policy, opt, stop, guard, {"ref": ref},

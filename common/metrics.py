@@ -69,6 +69,18 @@ def rl_step_metrics(r, b, samples, upd, rstats, kl_tok, t, gen_tokens, world):
     return m | {f"time_{k}": t[k] - t[prev] for prev, k in zip(list(t)[:-1], list(t)[1:])}
 
 
+def log_samples(logger, step, prompts, samples, rewards, k=4):
+    """Append the first k sampled responses of this step (rank 0's) to <out_dir>/samples.jsonl, one JSON object
+    per response: step, prompt, response, reward. What the model actually writes, next to the numbers."""
+    if not logger.main:
+        return
+    n = max(1, len(samples) // max(1, len(prompts)))
+    with open(logger.path.with_name("samples.jsonl"), "a") as f:
+        for i, s in enumerate(samples[:k]):
+            f.write(json.dumps({"step": step, "prompt": prompts[i // n], "response": s.text,
+                                "reward": float(rewards[i])}) + "\n")
+
+
 def read(path):
     """All rows of a metrics.jsonl (for plots, tests and tables)."""
     with open(path) as f:

@@ -112,6 +112,9 @@ def test_two_steps_update_exactly_when_there_is_signal(cold_start, tmp_path, tra
         assert (r["train/adv_std"] > 0 or r["train/adv_mean"] != 0) == has_signal == (r["train/nonzero_adv"] > 0), r
         assert r["train/in_loss"] == 1.0  # rejected responses stay in the loss (A = 0) unless --drop-rejected
         signal_seen |= has_signal
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]  # a few completions per step
+    assert [x["step"] for x in samples] == [1] * 4 + [2] * 4
+    assert all(x["reward"] in (0.0, 1.0) and x["prompt"].endswith("=\n") and isinstance(x["response"], str) for x in samples)
     # KL coefficient 0: no pi_ref forward in training, only on the evaluation step (here the last) for the log
     assert "train/kl_ref" not in train[0] and train[1]["train/kl_ref"] >= 0
     before, after = load_file(cold_start / "model.safetensors"), load_file(out / "hf" / "model.safetensors")
