@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import tyro
@@ -34,6 +34,7 @@ class Args(RunArgs):  # + the run, data, evaluation and checkpoint flags of comm
     # --- algorithm ---
     no_std_norm: bool = False            # Dr. GRPO: A = r - mean(r), no division by the group's std
     dual_clip: float = 0.0               # c > 1: the loss of an A < 0 token is at most -c A (dual clip); 0 = off
+    min_samples: ClassVar[int] = 2       # --n-samples 1 is refused: one response per group has no variance
     # --- end algorithm ---
     n_samples: int = 8                   # n: responses per prompt (a group)
     prompts_per_step: int = 32           # P: prompts per RL step, all ranks together (divisible by the world size)
@@ -118,7 +119,6 @@ def rl_update(policy, opt, guard, b, args, world=1, nan=False):
 
 def main(args: Args):
     d = dist.setup(args.seed)
-    assert args.prompts_per_step % d.world == 0, f"--prompts-per-step: not divisible by {d.world} ranks"
     (out := Path(args.out_dir or f"runs/{NAME}")).mkdir(parents=True, exist_ok=True)
     lm, tok = M.load(args.model, trust_remote_code=args.trust_remote_code)
     limit = context_limit(M.resolve(args.model), args.max_len, args.trust_remote_code)  # what the engine accepts

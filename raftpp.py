@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import tyro
@@ -119,7 +119,6 @@ def rl_update(policy, opt, guard, b, args, world=1, nan=False):
 
 def main(args: Args):
     d = dist.setup(args.seed)
-    assert args.prompts_per_step % d.world == 0, f"--prompts-per-step: not divisible by {d.world} ranks"
     (out := Path(args.out_dir or f"runs/{NAME}")).mkdir(parents=True, exist_ok=True)
     lm, tok = M.load(args.model, trust_remote_code=args.trust_remote_code)
     limit = context_limit(M.resolve(args.model), args.max_len, args.trust_remote_code)  # what the engine accepts

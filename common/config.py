@@ -38,8 +38,18 @@ class RunArgs:
         """Checks that need no model or data, made as the command line is parsed: before any process group,
         model or engine starts, so a bad flag costs a second and prints one line (rank 0), exit code 2."""
         import importlib.util
+        import os
         if self.track != "none" and importlib.util.find_spec(self.track) is None:
             _usage_error(f"--track {self.track} needs the optional {self.track} package: pip install {self.track}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets it before the script starts
+        for flag in ("prompts_per_step", "batch_size"):  # every rank takes an equal share of the global batch
+            if getattr(self, flag, world) % world:
+                _usage_error(f"--{flag.replace('_', '-')} {getattr(self, flag)} is not divisible by the {world} ranks")
+        if getattr(self, "max_new_tokens", 1) < 1:
+            _usage_error(f"--max-new-tokens {self.max_new_tokens}: a response needs at least 1 token")
+        if getattr(self, "n_samples", 1) < getattr(self, "min_samples", 1):
+            _usage_error(f"--n-samples {self.n_samples}: this algorithm needs groups of at least {self.min_samples} "
+                         f"responses (one response has no group variance: every advantage would be 0)")
 
 
 def _usage_error(message):
