@@ -1,6 +1,7 @@
 """Evaluate a model: k samples per prompt -> unbiased pass@k, maj@k, distinct answers, response length.
 
     python eval.py --model runs/grpo/hf                                   # built-in held-out split
+    python eval.py --model runs/grpo/hf --temperature 1.0 0.7 0 --k 64 --ks 1 4 16 64  # T = 0: greedy
     python eval.py --model runs/grpo/hf --data ../shared/data/gsm8k_test.jsonl --limit 200 --k 8
     torchrun --nproc_per_node 8 eval.py --model Qwen/Qwen2.5-Math-1.5B --data math500_test.jsonl \
         --max-new-tokens 3072
@@ -26,7 +27,7 @@ class Args:
     limit: int = 0                       # evaluate only the first `limit` usable rows (0 = all; only they are checked)
     k: int = 8                           # samples per prompt
     ks: tuple[int, ...] = (1, 2, 4, 8)   # report pass@k for these k <= k
-    temperature: float = 1.0             # sampling temperature (0 = greedy)
+    temperature: tuple[float, ...] = (1.0,)  # one or several sampling temperatures; 0 = greedy (one sample)
     max_new_tokens: int = 64             # the built-in task's defaults equal the trainers' (their logged eval)
     seed: int = 0                        # sampling seed (each sample has its own, derived from it)
     prompt_key: str = "question"         # data file field with the problem
@@ -60,16 +61,24 @@ def main(args: Args):
     engine = Engine(model, args.rollout, seed=args.seed, max_model_len=args.max_len,
                     trust_remote_code=args.trust_remote_code)
     tok = engine.tok
-    t0 = time.time()
-    res, samples = evaluate(engine, rows, tok, k=args.k, temperature=args.temperature,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed,
-                            ks=[k for k in args.ks if k <= args.k], rank=d.rank, world=d.world, return_samples=True)
-    res = {"model": args.model, "data": args.data, "n_prompts": len(rows), "k": args.k,
-           "temperature": args.temperature, "seconds": round(time.time() - t0, 1), **res}
+    by_t, samples = [], None
+    for temp in args.temperature:  # one engine, several temperatures: the like-with-like comparison in one call
+        k, t0 = (1 if temp == 0 else args.k), time.time()  # greedy: every sample would be the same
+        res, smp = evaluate(engine, rows, tok, k=k, temperature=temp, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed, ks=[x for x in args.ks if x <= k], rank=d.rank, world=d.world,
+                            return_samples=True)
+        by_t.append({"temperature": temp, "k": k, "seconds": round(time.time() - t0, 1), **res})
+        samples = samples or smp
+    res = {"model": args.model, "data": args.data, "n_prompts": len(rows), **by_t[0]}
     if d.main:
         width = max(len(k) for k in res)
         print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
                         for k, v in res.items()))
+        if len(by_t) > 1:  # one row per temperature
+            cols = [c for c in by_t[0] if c not in ("temperature", "k", "seconds")]
+            print("\n| T | k | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 2))
+            print("\n".join(f"| {r['temperature']:g} | {r['k']} | " + " | ".join(
+                f"{r[c]:.3f}" if c in r else "–" for c in cols) + " |" for r in by_t))
         for s in samples[:args.samples]:
             print(f"\n### {s['question'][:200]!r} gold={s['gold']!r}\n" +
                   "\n".join(f"  [{r:.0f}] {t[:200]!r}" for t, r in zip(s["responses"], s["rewards"])))
@@ -77,7 +86,8 @@ def main(args: Args):
         out = Path(args.out) if args.out else \
             model_dir / f"eval_{Path(args.data).stem}.json" if model_dir.is_dir() else Path("runs/eval.json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**res, "args": asdict(args), "samples": samples[:args.samples]}, indent=1))
+        out.write_text(json.dumps({**res, "by_temperature": by_t, "args": asdict(args), "samples": samples[:args.samples]},
+                                  indent=1))
         print(f"\n[eval] wrote {out}")
     engine.shutdown()
     dist.cleanup()

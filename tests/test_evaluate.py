@@ -78,10 +78,11 @@ def test_eval_defaults_equal_the_trainers():
     ev = {f.name: f.default for f in dataclasses.fields(eval_cli.Args)}
     tr = {f.name: f.default for f in dataclasses.fields(grpo.Args)}
     # model: eval scores any model (default the built-in one); max_len: an upper bound for long generations,
-    # capped by the model's positions (rollout.context_limit)
-    shared = (ev.keys() & tr.keys()) - {"model", "max_len"}
+    # capped by the model's positions (rollout.context_limit); temperature: eval's list = the trainers' eval_temperature
+    shared = (ev.keys() & tr.keys()) - {"model", "max_len", "temperature"}
     assert {"difficulty", "max_num", "eval_size", "max_new_tokens"} <= shared
     assert {k: ev[k] for k in shared} == {k: tr[k] for k in shared}
+    assert ev["temperature"] == (tr["eval_temperature"],)
 
 
 def test_eval_py_checks_rows_against_the_model_positions_before_the_engine(tmp_path):
