@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 
-from common import checkpoint, data, dist, model as M
+from common import checkpoint, config, data, dist, model as M
 from common.config import RunArgs
 from common.evaluate import evaluate
 from common.kernels import token_logprobs
@@ -161,4 +160,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(config.cli(Args))  # tyro, plus --config RUN/args.json to replay a run

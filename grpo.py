@@ -18,9 +18,8 @@ from types import SimpleNamespace
 from typing import ClassVar, Literal
 
 import torch
-import tyro
 
-from common import checkpoint, data, dist, losses, model as M, rewards
+from common import checkpoint, config, data, dist, losses, model as M, rewards
 from common.config import RunArgs
 from common.evaluate import evaluate
 from common.metrics import Logger, log_samples, rl_step_metrics
@@ -209,4 +208,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(config.cli(Args))  # tyro, plus --config RUN/args.json to replay a run

@@ -1,7 +1,11 @@
 """Command-line arguments every trainer shares: the run, its data, held-out evaluation and checkpoints. Each
 trainer's own `Args(RunArgs)` dataclass, at the top of its file, adds the algorithm's knobs (tyro reads the
 comment after each field as its --help text; a trainer re-declares a field to change its default)."""
+import dataclasses
+import json
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 
@@ -50,6 +54,28 @@ class RunArgs:
         if getattr(self, "n_samples", 1) < getattr(self, "min_samples", 1):
             _usage_error(f"--n-samples {self.n_samples}: this algorithm needs groups of at least {self.min_samples} "
                          f"responses (one response has no group variance: every advantage would be 0)")
+
+
+def cli(cls, argv=None):
+    """tyro.cli(cls), plus `--config RUN/args.json`: a run's saved arguments become the defaults and the flags on
+    the command line override them, so `torchrun ... grpo.py --config runs/grpo/args.json --seed 1` replays a run
+    with one change. Keys starting with "_" (provenance: world size, git commit, versions) are not arguments."""
+    import tyro
+    argv = list(sys.argv[1:] if argv is None else argv)
+    at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+    if at is None:
+        return tyro.cli(cls, args=argv)
+    path = argv[at].partition("=")[2] or (argv[at + 1] if at + 1 < len(argv) else "")
+    del argv[at:at + (1 if "=" in argv[at] else 2)]
+    try:
+        saved = {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")}
+    except (OSError, ValueError) as e:
+        _usage_error(f"--config {path!r}: {e}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(saved) - set(names)):
+        _usage_error(f"--config {path}: {', '.join(unknown)} are not arguments of {cls.__module__}.py")
+    default = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    return tyro.cli(cls, args=argv, default=default)
 
 
 def _usage_error(message):

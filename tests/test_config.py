@@ -40,3 +40,19 @@ def test_bad_flags_fail_at_parse_time_in_one_line(monkeypatch, capsys):
     assert "--prompts-per-step 1" in _usage_error(lambda: remax.Args(prompts_per_step=1), capsys)
     assert "--batch-size 33" in _usage_error(lambda: gem_sft.Args(batch_size=33), capsys)
     grpo.Args(prompts_per_step=4), gem_sft.Args(batch_size=32)
+
+
+def test_config_replays_a_run_and_the_command_line_overrides(tmp_path, capsys):
+    import dataclasses
+    import json
+
+    from common import config
+    saved = dataclasses.asdict(grpo.Args(seed=3, n_samples=4, lr=2e-4, inject_nan=(2,)))
+    (tmp_path / "args.json").write_text(json.dumps(saved | {"_run": {"world": 2, "git": "abc"}}))
+    a = config.cli(grpo.Args, ["--config", str(tmp_path / "args.json"), "--seed", "5"])
+    assert (a.seed, a.n_samples, a.lr, a.inject_nan) == (5, 4, 2e-4, (2,))  # tuples come back as tuples
+    assert dataclasses.asdict(config.cli(grpo.Args, [f"--config={tmp_path / 'args.json'}"])) == saved
+    (tmp_path / "old.json").write_text(json.dumps(saved | {"ppo_epochz": 2}))
+    assert "ppo_epochz are not arguments of grpo.py" in _usage_error(
+        lambda: config.cli(grpo.Args, ["--config", str(tmp_path / "old.json")]), capsys)
+    assert "--config 'missing.json'" in _usage_error(lambda: config.cli(grpo.Args, ["--config", "missing.json"]), capsys)
