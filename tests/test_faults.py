@@ -147,3 +147,111 @@ def test_stop_writes_status(tmp_path):
     st = json.loads((tmp_path / "status.json").read_text())
     assert st | {"time": 0} == {"state": "stopped", "step": 3, "signal": "SIGTERM", "time": 0,
                                 "checkpoint": str(tmp_path / "checkpoints" / "step_000003")}
+
+
+# --- torchrun, 2 ranks: every fault in one run folder, as an operator meets them ---
+SFT = [*TASK, "--train-size", "400", "--batch-size", "32", "--eval-k", "0", "--log-every", "1", "--save-every", "2",
+       "--lr", "3e-3", "--max-steps", "400"]
+RL_RUN = ["--model", "tiny", *RL, "--save-every", "2", "--eval-every", "100", "--steps", "40"]
+TRAINERS = {"gem_sft.py": (SFT, "--max-steps", ["--batch-size", "16"], "--batch-size 32 -> 16"),
+            "grpo.py": (RL_RUN, "--steps", ["--n-samples", "2"], "--n-samples 4 -> 2")}
+# the fault paths are shared (common/checkpoint.py): FAULTS_ALL_TRAINERS=1 also runs the other three RL trainers
+if os.environ.get("FAULTS_ALL_TRAINERS"):
+    TRAINERS |= {t: TRAINERS["grpo.py"] for t in ("remax.py", "raftpp.py", "reinforce_rej.py")}
+
+
+def _set(args, flag, value):
+    """args with `flag value` (replaced where present)."""
+    i = args.index(flag) if flag in args else None
+    return [*args[:i], flag, str(value), *args[i + 2:]] if i is not None else [*args, flag, str(value)]
+
+
+def _launch(script, out, args, log):
+    env = {**os.environ, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600"}  # load-proof: the step + save may take long
+    return subprocess.Popen(_cmd(script, out, *args), cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, env=env)
+
+
+def _until_step(p, out, step, log):
+    deadline = time.time() + 400
+    while not ((out / "metrics.jsonl").exists() and any(r["step"] >= step for r in _metrics(out) if "train/loss" in r)):
+        if p.poll() is not None or time.time() > deadline:
+            _kill_job(p)
+            pytest.fail(f"the run ended or stalled before step {step}:\n" + Path(log).read_text()[-4000:])
+        time.sleep(0.1)
+
+
+def _finish(p, log):
+    try:
+        p.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        _kill_job(p)
+        raise
+    return p.returncode, Path(log).read_text()
+
+
+def _refused(script, out, args, log):
+    """A launch that must stop before any work and leave the run folder as it was."""
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    rc, text = _finish(_launch(script, out, args, log), log)
+    assert rc != 0 and {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before, text[-3000:]
+    return text
+
+
+def _train_steps(out):
+    steps = [r["step"] for r in _metrics(out) if "train/loss" in r]
+    assert steps == list(range(1, len(steps) + 1)), steps  # no step lost or repeated
+    return steps[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", list(TRAINERS))
+def test_operator_faults(tmp_path, script):
+    base, total_flag, math_change, math_msg = TRAINERS[script]
+    out, log, ck = tmp_path / "run", tmp_path / "log.txt", tmp_path / "run" / "checkpoints"
+    status = lambda: json.loads((out / "status.json").read_text())  # noqa: E731
+    # 1. SIGTERM to torchrun (a scheduler, `kill <pid>`, Ctrl-C): the workers save and exit 0, torchrun exits 1
+    p = _launch(script, out, base, log)
+    _until_step(p, out, 2, log)
+    p.send_signal(signal.SIGTERM)
+    rc, text = _finish(p, log)
+    assert rc == 1 and "SignalException" in text and "stopped by SIGTERM after step" in text, text[-3000:]
+    k = status()["step"]
+    assert status()["state"] == "stopped" and checkpoint.latest(out) == ck / f"step_{k:06d}" == Path(status()["checkpoint"])
+    assert _train_steps(out) == k >= 2
+    # 2. the same command again, without --resume: refused, the run's history untouched
+    assert f"{out} already holds a run (metrics.jsonl with" in _refused(script, out, base, log)
+    # 3. --resume with a flag that changes the math or the data order: refused, named
+    text = _refused(script, out, [*base, *math_change, "--resume"], log)
+    assert f"--resume: {math_msg} would change the math or the data order" in text and "--resume-override" in text
+    # 4. --resume with a new --lr: applied and logged, args.json kept; then SIGTERM to the workers: exit 0
+    p = _launch(script, out, [*_set(base, "--lr", "1e-3"), "--resume"], log)
+    _until_step(p, out, k + 2, log)
+    for worker in psutil.Process(p.pid).children():
+        worker.send_signal(signal.SIGTERM)
+    rc, text = _finish(p, log)
+    lr = float(base[base.index("--lr") + 1])
+    assert rc == 0 and f"--lr {lr} -> 0.001 (applied)" in text and "stopped by SIGTERM" in text, text[-3000:]
+    assert json.loads((out / "args.json").read_text())["lr"] == lr
+    assert json.loads((out / "args.resume1.json").read_text())["lr"] == 1e-3
+    k2 = status()["step"]
+    assert status()["state"] == "stopped" and checkpoint.latest(out).name == f"step_{k2:06d}" and _train_steps(out) == k2
+    # 5. the newest checkpoint damaged: named with what is wrong, the one before it resumed; a new total is applied
+    *_, prev, newest = [p for _, p, problem in checkpoint.scan(out) if problem is None]
+    shard = _cut(newest)
+    total = int(prev.name[5:]) + 1
+    p = _launch(script, out, [*_set(_set(base, "--lr", "1e-3"), total_flag, total), "--resume"], log)
+    rc, text = _finish(p, log)
+    assert rc == 0, text[-3000:]
+    assert f"skipping damaged checkpoint {newest}: {shard} is " in text and "bytes, meta.json says" in text
+    assert f"resumed from {prev} at step {total - 1}" in text
+    assert f"{total_flag} {base[base.index(total_flag) + 1]} -> {total} (applied)" in text
+    assert _train_steps(out) == total and status()["state"] == "trained"
+    dropped = [json.loads(x)["step"] for x in open(out / "metrics.dropped.jsonl")]
+    assert set(range(total, k2 + 1)) <= set(dropped)  # the rows after the resumed checkpoint: kept aside
+    # 6. every checkpoint damaged: --resume is an error naming the folder and what it found; nothing changes
+    for _, c, problem in checkpoint.scan(out):
+        if problem is None:
+            _cut(c)
+    text = _refused(script, out, [*_set(_set(base, "--lr", "1e-3"), total_flag, total), "--resume"], log)
+    assert f"--resume: no usable checkpoint in {ck} (step_" in text and f"{shard} is " in text, text[-3000:]
