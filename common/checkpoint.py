@@ -221,7 +221,8 @@ def prepare_run(run_dir, args, name="trainer"):
     if rank == 0:
         if held and args.overwrite:
             prev = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
-            prev = prev if not prev.exists() else prev.with_name(f"{prev.name}-{len(list(run_dir.glob('previous-*')))}")
+            while prev.exists():
+                prev = prev.with_name(prev.name + "+")
             prev.mkdir()
             for f in [metrics, run_dir / "metrics.dropped.jsonl", run_dir / "status.json", *files]:
                 if f.exists():
@@ -231,7 +232,8 @@ def prepare_run(run_dir, args, name="trainer"):
                     _discard(d)
                     shutil.rmtree(d.with_name(d.name + ".trash"))
             say(f"--overwrite: deleted the checkpoints and hf/ of the run in {run_dir}, moved its logs to {prev}")
-        out = run_dir / (f"args.resume{len(files)}.json" if args.resume and files else "args.json")
+        k = max([int(f.stem[11:]) for f in files if f.name != "args.json"], default=0) + 1
+        out = run_dir / (f"args.resume{k}.json" if args.resume and files else "args.json")
         out.write_text(json.dumps(asdict(args), indent=1))
         if note:
             say(f"--resume from {ckpt}: {note}; this launch's flags: {out}")
@@ -341,10 +343,10 @@ def save_or_stop(step, total, save_every, run_dir, model, optimizer, stop, guard
             export_hf(model, export[0], path / "hf", _rank_world()[0] == 0)
     if (stopping or step == total) and _rank_world()[0] == 0:
         ckpt = latest(run_dir)
-        sig = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
+        sig = signal.Signals(stop.signum).name if stop.signum else "on another rank"
         write_status(run_dir, "stopped" if stopping else "trained", step, ckpt, sig if stopping else None)
         if stopping:
-            print(f"[{name}] stopped by {sig} after step {step}, checkpoint {ckpt}; status.json: stopped; "
+            print(f"[{name}] stopped by signal ({sig}) after step {step}, checkpoint {ckpt}; status.json: stopped; "
                   f"resume with --resume", flush=True)
     return stopping
 

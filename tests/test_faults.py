@@ -215,7 +215,7 @@ def test_operator_faults(tmp_path, script):
     _until_step(p, out, 2, log)
     p.send_signal(signal.SIGTERM)
     rc, text = _finish(p, log)
-    assert rc == 1 and "SignalException" in text and "stopped by SIGTERM after step" in text, text[-3000:]
+    assert rc == 1 and "SignalException" in text and "stopped by signal (SIGTERM) after step" in text, text[-3000:]
     k = status()["step"]
     assert status()["state"] == "stopped" and checkpoint.latest(out) == ck / f"step_{k:06d}" == Path(status()["checkpoint"])
     assert _train_steps(out) == k >= 2
@@ -231,7 +231,7 @@ def test_operator_faults(tmp_path, script):
         worker.send_signal(signal.SIGTERM)
     rc, text = _finish(p, log)
     lr = float(base[base.index("--lr") + 1])
-    assert rc == 0 and f"--lr {lr} -> 0.001 (applied)" in text and "stopped by SIGTERM" in text, text[-3000:]
+    assert rc == 0 and f"--lr {lr} -> 0.001 (applied)" in text and "stopped by signal (SIGTERM)" in text, text[-3000:]
     assert json.loads((out / "args.json").read_text())["lr"] == lr
     assert json.loads((out / "args.resume1.json").read_text())["lr"] == 1e-3
     k2 = status()["step"]
