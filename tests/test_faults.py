@@ -255,3 +255,27 @@ def test_operator_faults(tmp_path, script):
             _cut(c)
     text = _refused(script, out, [*_set(_set(base, "--lr", "1e-3"), total_flag, total), "--resume"], log)
     assert f"--resume: no usable checkpoint in {ck} (step_" in text and f"{shard} is " in text, text[-3000:]
+
+
+def test_reward_workers_survive_a_signal_to_their_trainers_group(tmp_path):
+    """torchrun passes a SIGTERM/SIGINT it receives to each rank's whole process group (os.killpg). The rank
+    finishes its step (StopFlag), so its reward workers must not die with it: the step's answers would score 0."""
+    child = tmp_path / "child.py"
+    child.write_text(f"""import json, os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from common import rewards as R
+if __name__ == "__main__":  # the pool's forkserver imports this file too
+    flag = []
+    signal.signal(signal.SIGTERM, lambda s, f: flag.append(s))
+    resps, golds = [r"\\boxed{{\\sqrt{{2}}}}"] * 4, [r"\\frac{{2}}{{\\sqrt{{2}}}}"] * 4  # undecided by the fast path
+    before = R.score_batch(resps, golds, timeout_s=60)
+    os.killpg(0, signal.SIGTERM)  # what torchrun does to a rank's group
+    after = R.score_batch(resps, golds, timeout_s=60)
+    print(json.dumps([flag, before, after, [os.getpgid(p.pid) != os.getpgid(0) for p in R._pool.procs]]))
+""")
+    r = subprocess.run([str(ROOT / ".venv/bin/python"), str(child)], capture_output=True, text=True, timeout=300,
+                       start_new_session=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    flag, before, after, own_group = json.loads(r.stdout.splitlines()[-1])
+    assert flag == [signal.SIGTERM] and own_group == [True, True]
+    assert before == after == [[1.0] * 4, {"timeouts": 0, "errors": 0, "format_ok": 1.0}]
