@@ -103,12 +103,12 @@ def check(path):
     path = Path(path)
     try:
         meta = json.loads((path / META).read_text())
-        named, files, world, step = _NAME.fullmatch(path.name), dict(meta["files"]), int(meta["world"]), int(meta["step"])
+        files, world, step = dict(meta["files"]), int(meta["world"]), int(meta["step"])
     except FileNotFoundError:
         return None, f"no {META} (the save did not finish)"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return None, f"{META} unreadable ({type(e).__name__}: {e})"
-    if named and int(named.group(1)) != step:
+    if (named := _NAME.fullmatch(path.name)) and int(named.group(1)) != step:
         return None, f"{META} says step {step}"
     missing = sorted({".metadata", *(f"rank_{r:05d}.pt" for r in range(world))} - set(files))
     if missing:
@@ -216,7 +216,7 @@ def prepare_run(run_dir, args, name="trainer"):
                              f"longer equals an uninterrupted one)")
         note = "; ".join(f"{_flag(k)} {a} -> {b} ({'applied' if k in APPLIED else 'applied: --resume-override'})"
                          for k, a, b in changed) or "none"
-        note = f"flags changed since {files[-1].name}: {note}" if files else f"no args.json in {run_dir}: flags not compared"
+        note = f"flags changed since {files[-1].name}: {note}" if files else f"no args.json in {run_dir}: not compared"
     _barrier()
     if rank == 0:
         if held and args.overwrite:
