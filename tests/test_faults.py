@@ -223,7 +223,7 @@ def test_operator_faults(tmp_path, script):
     # 2. the same command again, without --resume: refused, the run's history untouched
     assert f"{out} already holds a run (metrics.jsonl with" in _refused(script, out, base, log)
     # 3. --resume with a flag that changes the math or the data order: refused, named
-    text = _refused(script, out, [*base, *math_change, "--resume"], log)
+    text = _refused(script, out, [*_set(base, *math_change), "--resume"], log)
     assert f"--resume: {math_msg} would change the math or the data order" in text and "--resume-override" in text
     # 4. --resume with a new --lr: applied and logged, args.json kept; then SIGTERM to the workers: exit 0
     p = _launch(script, out, [*_set(base, "--lr", "1e-3"), "--resume"], log)
@@ -239,7 +239,7 @@ def test_operator_faults(tmp_path, script):
     assert status()["state"] == "stopped" and checkpoint.latest(out) == ck / f"step_{k2:06d}"
     assert _train_steps(out) == k2
     # 5. the newest checkpoint damaged: named with what is wrong, the one before it resumed; a new total is applied
-    *_, prev, newest = [p for _, p, problem in checkpoint.scan(out) if problem is None]
+    *_, prev, newest = [c for _, c, problem in checkpoint.scan(out) if problem is None]
     shard = _cut(newest)
     total = int(prev.name[5:]) + 1
     p = _launch(script, out, [*_set(_set(base, "--lr", "1e-3"), total_flag, total), "--resume"], log)
