@@ -9,18 +9,20 @@ finished, so a crash mid-save leaves the previous checkpoint the newest complete
 DCP pickles its own metadata: resume only from checkpoints your runs wrote. The per-rank files are
 read with torch.load(weights_only=True), meta.json is JSON.
 
+The run folder also holds args.json (+ args.resume<k>.json), metrics.jsonl and status.json; prepare_run
+checks it against the flags before any work, so that no run is lost, mixed up or silently restarted.
+
+    ckpt = checkpoint.prepare_run(out, args, "grpo")  # every rank (shared filesystem); None: a new run
     stop, guard = checkpoint.StopFlag(), checkpoint.BadStepGuard(5, out)  # after dist.setup
-    start, ckpt = 0, checkpoint.latest(out)  # every rank (shared filesystem)
+    start = 0
     if ckpt:
-        st = checkpoint.resume(ckpt, policy, opt, sched); start, ref_shards = st["step"], st["extra"]["ref"]
+        st = checkpoint.resume(ckpt, policy, opt); start, ref_shards = st["step"], st["extra"]["ref"]
     for step in range(start, total):
         ...; loss.backward(); gn = clip_grad_norm_(...).full_tensor().item()
-        if guard.check(math.isfinite(gn)): opt.step(); sched.step()
+        if guard.check(math.isfinite(gn)): opt.step()
         opt.zero_grad(set_to_none=True)
-        stopping = stop.should_stop()
-        if (step + 1) % save_every == 0 or step + 1 == total or stopping:
-            checkpoint.save(out, step + 1, policy, opt, sched, extra={"ref": ref_shards})
-        if stopping: break  # then skip export/eval, dist.cleanup(), exit 0
+        if checkpoint.save_or_stop(step + 1, total, save_every, out, policy, opt, stop, guard, {"ref": ref_shards}):
+            break  # a signal: checkpoint written, status.json "stopped"; skip export/eval, dist.cleanup(), exit 0
 """
 import json
 import os
