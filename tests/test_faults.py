@@ -208,29 +208,29 @@ def _train_steps(out):
 @pytest.mark.parametrize("script", list(TRAINERS))
 def test_operator_faults(tmp_path, script):
     base, total_flag, math_change, math_msg = TRAINERS[script]
-    out, log, ck = tmp_path / "run", tmp_path / "log.txt", tmp_path / "run" / "checkpoints"
+    out, ck, log = tmp_path / "run", tmp_path / "run" / "checkpoints", lambda n: tmp_path / f"launch{n}.log"
     status = lambda: json.loads((out / "status.json").read_text())  # noqa: E731
     # 1. SIGTERM to torchrun (a scheduler, `kill <pid>`, Ctrl-C): the workers save and exit 0, torchrun exits 1
-    p = _launch(script, out, base, log)
-    _until_step(p, out, 2, log)
+    p = _launch(script, out, base, log(1))
+    _until_step(p, out, 2, log(1))
     p.send_signal(signal.SIGTERM)
-    rc, text = _finish(p, log)
+    rc, text = _finish(p, log(1))
     assert rc == 1 and "SignalException" in text and "stopped by signal (SIGTERM) after step" in text, text[-3000:]
     k = status()["step"]
     assert status()["state"] == "stopped" and checkpoint.latest(out) == ck / f"step_{k:06d}"
     assert Path(status()["checkpoint"]) == ck / f"step_{k:06d}"
     assert _train_steps(out) == k >= 2
     # 2. the same command again, without --resume: refused, the run's history untouched
-    assert f"{out} already holds a run (metrics.jsonl with" in _refused(script, out, base, log)
+    assert f"{out} already holds a run (metrics.jsonl with" in _refused(script, out, base, log(2))
     # 3. --resume with a flag that changes the math or the data order: refused, named
-    text = _refused(script, out, [*_set(base, *math_change), "--resume"], log)
+    text = _refused(script, out, [*_set(base, *math_change), "--resume"], log(3))
     assert f"--resume: {math_msg} would change the math or the data order" in text and "--resume-override" in text
     # 4. --resume with a new --lr: applied and logged, args.json kept; then SIGTERM to the workers: exit 0
-    p = _launch(script, out, [*_set(base, "--lr", "1e-3"), "--resume"], log)
-    _until_step(p, out, k + 2, log)
+    p = _launch(script, out, [*_set(base, "--lr", "1e-3"), "--resume"], log(4))
+    _until_step(p, out, k + 2, log(4))
     for worker in psutil.Process(p.pid).children():
         worker.send_signal(signal.SIGTERM)
-    rc, text = _finish(p, log)
+    rc, text = _finish(p, log(4))
     lr = float(base[base.index("--lr") + 1])
     assert rc == 0 and f"--lr {lr} -> 0.001 (applied)" in text and "stopped by signal (SIGTERM)" in text, text[-3000:]
     assert json.loads((out / "args.json").read_text())["lr"] == lr
@@ -242,8 +242,8 @@ def test_operator_faults(tmp_path, script):
     *_, prev, newest = [c for _, c, problem in checkpoint.scan(out) if problem is None]
     shard = _cut(newest)
     total = int(prev.name[5:]) + 1
-    p = _launch(script, out, [*_set(_set(base, "--lr", "1e-3"), total_flag, total), "--resume"], log)
-    rc, text = _finish(p, log)
+    p = _launch(script, out, [*_set(_set(base, "--lr", "1e-3"), total_flag, total), "--resume"], log(5))
+    rc, text = _finish(p, log(5))
     assert rc == 0, text[-3000:]
     assert f"skipping damaged checkpoint {newest}: {shard} is " in text and "bytes, meta.json says" in text
     assert f"resumed from {prev} at step {total - 1}" in text
@@ -255,7 +255,7 @@ def test_operator_faults(tmp_path, script):
     for _, c, problem in checkpoint.scan(out):
         if problem is None:
             _cut(c)
-    text = _refused(script, out, [*_set(_set(base, "--lr", "1e-3"), total_flag, total), "--resume"], log)
+    text = _refused(script, out, [*_set(_set(base, "--lr", "1e-3"), total_flag, total), "--resume"], log(6))
     assert f"--resume: no usable checkpoint in {ck} (step_" in text and f"{shard} is " in text, text[-3000:]
 
 
