@@ -32,7 +32,8 @@ class Args:
 
 
 def run(script, out, *args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), script, "--out-dir", str(out), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), script, "--out-dir", str(out),
+           "--overwrite", *args]  # a re-run of the demo replaces its runs (a trainer refuses a used folder)
     print(f"\n$ {' '.join(cmd[2:])}", flush=True)
     t0 = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})

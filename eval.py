@@ -95,3 +95,4 @@ def main(args: Args):
 
 if __name__ == "__main__":
     main(tyro.cli(Args))
+    dist.exit_cleanly()

@@ -9,7 +9,6 @@ no gradient, weights w (no gradient), loss = sum_v q_v w_v (log p_v - log p_y). 
 the logit gradient is q - e_y (CE's is p - e_y): beta = 1 is exactly cross-entropy, beta < 1 keeps
 the model's distribution flatter than the data's (reverse KL + entropy bonus of weight 1/beta - 1).
 """
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -88,8 +87,7 @@ def main(args: Args):
     train = encode(train_rows, tok)
     dist.print0(f"[gem_sft] {M.count_params(lm) / 1e6:.2f}M params, {len(train)} train / {len(eval_rows)} "
                 f"held-out rows, world {d.world}, device {d.device}, loss {args.loss}")
-    if d.main:
-        (out / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    ckpt = checkpoint.prepare_run(out, args, "gem_sft")  # refuses a run folder/flags that would lose or mix up a run
 
     policy = dist.wrap_fsdp(M.WithHead(lm), M.decoder_layers(lm), d.device)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, args.adam_beta2), eps=args.adam_eps,
@@ -98,7 +96,7 @@ def main(args: Args):
     total = args.max_steps or args.epochs * steps_per_epoch
     stop, guard = checkpoint.StopFlag(), checkpoint.BadStepGuard(args.max_bad_steps, out)
     start = 0
-    if args.resume and (ckpt := checkpoint.latest(out)):
+    if ckpt:
         start = checkpoint.resume(ckpt, policy, opt)["step"]
         dist.print0(f"[gem_sft] resumed from {ckpt} at step {start}")
     log = Logger(out, total, d.main, None if args.track == "none" else args.track, out.name, asdict(args), start)
@@ -161,3 +159,4 @@ def main(args: Args):
 
 if __name__ == "__main__":
     main(config.cli(Args))  # tyro, plus --config RUN/args.json to replay a run
+    dist.exit_cleanly()  # no interpreter finalization after a finished run (see there why)

@@ -9,7 +9,6 @@ token of response i; a group whose rewards are all equal gets A = 0. `--no-std-n
 # checks it): `diff grpo.py raftpp.py` is the papers' difference. Run: torchrun --nproc_per_node 2 <trainer>.py
 # (built-in task, CPU); real models: --model Qwen/Qwen2.5-Math-1.5B --data gsm8k_train.jsonl --lr 1e-6 (README).
 # Left out on purpose: a critic (none of the four has one), reward models (answers are verified), packing.
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -122,15 +121,14 @@ def main(args: Args):
     lm, tok = M.load(args.model, trust_remote_code=args.trust_remote_code)
     limit = context_limit(M.resolve(args.model), args.max_len, args.trust_remote_code)  # what the engine accepts
     train_rows, eval_rows = data.load_split(args, tok, limit)
-    if d.main:
-        (out / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    ckpt = checkpoint.prepare_run(out, args, NAME)  # refuses a run folder/flags that would lose or mix up a run
     policy = dist.wrap_fsdp(M.WithHead(lm), M.decoder_layers(lm), d.device)
     ref = dist.local_shards(policy)  # pi_ref = the initial weights: this rank's shard, in CPU memory
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     engine = Engine(M.resolve(args.model), args.rollout, seed=args.seed, max_model_len=args.max_len,
                     gpu_memory_utilization=args.gpu_memory_utilization, trust_remote_code=args.trust_remote_code)
     stop, guard, start = checkpoint.StopFlag(), checkpoint.BadStepGuard(args.max_bad_steps, out), 0
-    if args.resume and (ckpt := checkpoint.latest(out)):
+    if ckpt:
         st = checkpoint.resume(ckpt, policy, opt)
         start, ref = st["step"], st["extra"]["ref"]
         engine.sync(dist.full_state_items(policy))  # the engine started from the initial weights
@@ -209,3 +207,4 @@ def main(args: Args):
 
 if __name__ == "__main__":
     main(config.cli(Args))  # tyro, plus --config RUN/args.json to replay a run
+    dist.exit_cleanly()  # no interpreter finalization after a finished run (see there why)

@@ -34,7 +34,9 @@ class RunArgs:
     save_every: int = 50                 # sharded checkpoint every N steps, at the end and on SIGTERM (0: only those)
     keep_last: int = 2                   # complete checkpoints kept (0 = all)
     export_every_save: bool = False      # also write an HF folder (safetensors) into every checkpoint
-    resume: bool = False                 # continue from the latest complete checkpoint in the run folder
+    resume: bool = False                 # continue from the latest complete checkpoint in the run folder (error if none)
+    resume_override: bool = False        # with --resume: apply changed flags that alter the math or data order
+    overwrite: bool = False              # replace the run in --out-dir (deletes its checkpoints; logs go to previous-*/)
     max_bad_steps: int = 5               # stop after this many consecutive non-finite steps
     inject_nan: tuple[int, ...] = ()     # fault injection (tests): steps whose loss is made NaN
 

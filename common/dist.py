@@ -60,6 +60,22 @@ def cleanup():
         dist.destroy_process_group()
 
 
+def exit_cleanly(code=0):
+    """The last call of a script run by torchrun, after main() returned: leave the process group, run the atexit
+    handlers (the reward pool, wandb, multiprocessing) while the interpreter is whole, flush, and end the process
+    without interpreter finalization. Why: gloo keeps C++ worker threads whose destruction during finalization
+    can abort a run that has finished ("terminate called without an active exception", SIGABRT, exit code 1 from
+    torchrun; seen once here, after a gem_sft run had saved everything; cf. pytorch/pytorch#179291). Everything
+    the run writes is closed by then, so skipping finalization loses nothing."""
+    import atexit
+    import sys
+    cleanup()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def print0(*a, **kw):
     if int(os.environ.get("RANK", "0")) == 0:
         print(*a, **kw, flush=True)

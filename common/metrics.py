@@ -3,6 +3,7 @@
 Only rank 0 writes; values are expected to be already reduced across ranks."""
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,13 +11,26 @@ from pathlib import Path
 
 class Logger:
     def __init__(self, out_dir, total_steps, main=True, track=None, run_name=None, config=None, start_step=0):
-        """A fresh run (start_step 0) starts a new metrics.jsonl; a resumed one keeps the rows up to
-        start_step and drops those a killed run wrote after its last checkpoint."""
+        """Appends to <out_dir>/metrics.jsonl and never truncates it. A new run (start_step 0) needs a file
+        without rows (checkpoint.prepare_run refuses such a folder first); a run resumed at start_step moves the
+        rows a killed run wrote after its last checkpoint (and any torn line) to metrics.dropped.jsonl, so that
+        its log equals an uninterrupted run's and nothing it wrote is lost."""
         self.main, self.total, self.t0 = main, total_steps, time.time()
         self.path = Path(out_dir) / "metrics.jsonl"
-        if main:
-            keep = [r for r in read(self.path) if r["step"] <= start_step] if start_step and self.path.exists() else []
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        if main and self.path.exists():
+            lines = [line.rstrip("\n") + "\n" for line in self.path.read_text().splitlines() if line.strip()]
+            if lines and not start_step:
+                raise FileExistsError(f"{self.path} already has {len(lines)} rows: a new run does not overwrite "
+                                      f"them (--resume, --overwrite or another --out-dir)")
+            keep = [_step(line) is not None and _step(line) <= start_step for line in lines]
+            if not all(keep):
+                with open(self.path.with_name("metrics.dropped.jsonl"), "a") as f:
+                    f.write("".join(x for x, k in zip(lines, keep) if not k))
+                    f.flush()
+                    os.fsync(f.fileno())
+                tmp = self.path.with_name("metrics.jsonl.tmp")
+                tmp.write_text("".join(x for x, k in zip(lines, keep) if k))
+                os.replace(tmp, self.path)  # atomic: the old file or the new one, never a partial one
         self.sinks = []
         if main and track == "wandb":
             import wandb
@@ -85,6 +99,14 @@ def read(path):
     """All rows of a metrics.jsonl (for plots, tests and tables)."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _step(line):
+    """The step of a metrics.jsonl line, None for a torn or foreign line."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _fmt(v):

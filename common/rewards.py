@@ -10,12 +10,14 @@ import atexit
 import multiprocessing as mp
 import os
 import re
+import signal
 import threading
 import time
 from collections import deque
 from fractions import Fraction
 from multiprocessing.connection import wait
 
+_GROUP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}  # those torchrun passes on
 MAX_SCAN = 100_000      # only the tail of a longer response is scanned (answers come last)
 MAX_ANSWER = 1_000      # longer extracted answers are junk, and sympy on them is slow
 MAX_EXPONENT = 10_000   # 9^{100000} is a real number sympy will happily try to expand
@@ -146,6 +148,8 @@ def score(response: str, gold: str, timeout_s: float = 2.0) -> float:
 
 def _worker(conn):
     import logging
+    os.setpgrp()  # out of the rank's process group (see _Pool._spawn), then the signals back
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _GROUP_SIGNALS)
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that we disabled its timeouts
     try:  # first calls are slow (imports, grammar): pay that here, not in an item's time limit
         _mv_equal(r"(1, \frac{\pi}{2})", "x - 1")
@@ -169,7 +173,17 @@ class _Pool:
     def _spawn(self):
         parent, child = self.ctx.Pipe()
         p = self.ctx.Process(target=_worker, args=(child,), daemon=True)
-        p.start()
+        # torchrun passes a SIGTERM/SIGINT it gets to each rank's whole process group, and the rank then finishes
+        # its step (checkpoint.StopFlag): the workers and the forkserver (started by the first start(); a worker
+        # looks dead to us when it dies) must not die then. They start with these signals blocked; a worker
+        # unblocks them once in a group of its own. The parent kills workers by pid; they exit when it dies.
+        from multiprocessing import resource_tracker
+        resource_tracker.ensure_running()  # first: starting it unblocks SIGINT/SIGTERM (it ignores them itself)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
+        try:
+            p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         child.close()
         p.conn, p.ready, p.job = parent, False, None  # job: (index, deadline)
         return p

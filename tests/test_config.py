@@ -56,3 +56,16 @@ def test_config_replays_a_run_and_the_command_line_overrides(tmp_path, capsys):
     assert "ppo_epochz are not arguments of grpo.py" in _usage_error(
         lambda: config.cli(grpo.Args, ["--config", str(tmp_path / "old.json")]), capsys)
     assert "--config 'missing.json'" in _usage_error(lambda: config.cli(grpo.Args, ["--config", "missing.json"]), capsys)
+
+
+def test_args_json_records_provenance_and_replays(tmp_path):
+    import json
+
+    from common import checkpoint, config
+    args = grpo.Args(seed=7, out_dir=str(tmp_path))
+    checkpoint.prepare_run(tmp_path, args, "grpo")
+    saved = json.loads((tmp_path / "args.json").read_text())
+    run = saved["_run"]
+    assert run["world"] == 1 and run["torch"].startswith("2.") and "transformers" in run
+    assert run["git_commit"] == "unknown" or len(run["git_commit"].split("+")[0]) == 40
+    assert config.cli(grpo.Args, ["--config", str(tmp_path / "args.json")]) == args  # "_run" is not an argument
