@@ -167,7 +167,7 @@ def main(args: Args):
                                           tok.pad_token_id, d.device)
         b = SimpleNamespace(ids=ids, attn=attn, targets=targets, mask=(targets != -100).float(), old_logp=None,
                             ref_logp=None)
-        kl_reward, kl_tok = args.kl_coef > 0 and args.kl_in == "reward", None
+        kl_reward = args.kl_coef > 0 and args.kl_in == "reward"
         if args.mini_batches > 1 or args.ppo_epochs > 1 or kl_reward:  # else on-policy: rl_update's own forward
             b.old_logp = M.batched_logprobs(policy, ids, attn, targets, args.temperature, args.micro_batch_size)
         if args.kl_coef > 0 or is_eval(step + 1):  # KL to pi_ref: in the loss/reward, or for the log on eval steps
@@ -187,8 +187,7 @@ def main(args: Args):
         t["update"] = time.time()
         engine.sync(dist.full_state_items(policy))
         t["sync"] = time.time()
-        if b.ref_logp is not None:
-            kl_tok = losses.kl(b.old_logp, b.ref_logp, args.kl_estimator)
+        kl_tok = None if b.ref_logp is None else losses.kl(b.old_logp, b.ref_logp, args.kl_estimator)  # for the log
         m = rl_step_metrics(r, b, samples, upd, rstats, kl_tok, t, engine.last_gen_tokens, d.world)
         m |= {"bad_steps": guard.total, "lr": get_lr(step, args)}
         log.log(step + 1, {f"train/{k}": v for k, v in m.items()},

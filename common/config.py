@@ -81,8 +81,6 @@ def cli(cls, argv=None):
 
 
 def _usage_error(message):
-    import os
-    import sys
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    from common.dist import print0
+    print0(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)

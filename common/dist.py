@@ -116,10 +116,6 @@ def all_reduce(x, op="sum"):
     return t.item() if t.dim() == 0 else t.cpu()
 
 
-def is_main():
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def mean_metrics(sums, counts=None):
     """Global means of per-rank metric sums: {k: Σ_ranks sums[k] / Σ_ranks counts[k]} in one all-reduce.
     counts defaults to 1 per rank (a plain mean over ranks)."""
