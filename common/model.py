@@ -42,12 +42,14 @@ def build_tokenizer():
                                    unk_token="<unk>", model_max_length=1024)
 
 
-def tiny_config(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512, max_len=512, tie=True):
+def tiny_config(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512, max_len=512, tie=True, vocab=None):
     """Qwen2 config of the built-in model (~1M parameters at the defaults). head_dim = hidden/heads = 32,
-    a size vLLM's CPU attention supports."""
+    a size vLLM's CPU attention supports. vocab: the embedding rows (default: the tokenizer's, rounded up to
+    32); a larger one, e.g. Qwen2.5's 151,936, gives a real vocabulary's head and embedding sizes (rows the
+    tokenizer never produces still get logits, as in the real models)."""
     from transformers import Qwen2Config
     n_vocab = len(SPECIALS) + len(CHARS)
-    return Qwen2Config(vocab_size=(n_vocab + 31) // 32 * 32, hidden_size=hidden, num_hidden_layers=layers,
+    return Qwen2Config(vocab_size=vocab or (n_vocab + 31) // 32 * 32, hidden_size=hidden, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate,
                        max_position_embeddings=max_len, tie_word_embeddings=tie, rope_theta=10000.0,
                        bos_token_id=0, eos_token_id=0, pad_token_id=0, torch_dtype="float32")
