@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# vLLM must run in this process (weights are pushed by reference) and keep its CPU KV cache small.
+# vLLM must run in this process (weights are pushed by reference). Its CPU KV cache is sized by the Engine from
+# max_model_len x the sequences it runs at once (kv_cache_bytes), not a fixed budget; a VLLM_CPU_KVCACHE_SPACE (GiB)
+# set by the user still overrides that.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # our handler (see _quiet_vllm), not vLLM's dictConfig
 warnings.filterwarnings("ignore", message=".*reduce_op` is deprecated", category=FutureWarning)  # vLLM's Triton shim
@@ -47,6 +48,24 @@ def sample_seed(seed, i, j):
     return int(np.random.SeedSequence([seed % 2**63, i, j]).generate_state(1, np.uint64)[0]) % 2**63
 
 
+MAX_SEQS = 256  # vLLM's default max_num_seqs on CPU: the most sequences an engine runs at once
+KV_BLOCK = 128  # the KV cache is sized in whole blocks of this many tokens per sequence (vLLM's CPU blocks divide it)
+
+
+def kv_cache_bytes(model, max_model_len, max_seqs, dtype="float32", trust_remote_code=False):
+    """Bytes of KV cache for `max_seqs` sequences of `max_model_len` tokens (rounded up to KV_BLOCK): layers x 2 (K
+    and V) x kv_heads x head_dim x dtype bytes per token. The engine allocates exactly this on CPU, so it never
+    holds a cache the run cannot use (the fixed 1 GiB before was 11x what a 0.5B GRPO step of 8 sequences needs),
+    and every sequence it admits at once fits whole (max_num_seqs = max_seqs): no preemption, no recompute."""
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    per_token = cfg.num_hidden_layers * 2 * kv_heads * head_dim * torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+    return per_token * -(-max_model_len // KV_BLOCK) * KV_BLOCK * max_seqs
+
+
 def context_limit(model, max_len, trust_remote_code=False):
     """Tokens (prompt + response) the engine accepts: min(max_len, the model's max_position_embeddings).
     The Engine clamps its max_model_len with this, and data.load_rows checks rows against it, so the two
@@ -64,11 +83,19 @@ class Engine:
 
     def __init__(self, model, backend="vllm", seed=0, max_model_len=1024, gpu_memory_utilization=0.3,
                  tensor_parallel_size=1, trust_remote_code=False, hf_model=None, tokenizer=None,
-                 sleep_mode=None, hf_batch_size=64):
+                 sleep_mode=None, hf_batch_size=64, max_seqs=None, dtype=None):
+        """max_seqs: the most sequences one generate call of the run has (vLLM runs at most min(max_seqs, MAX_SEQS)
+        at once, the rest wait; on CPU the KV cache holds exactly that many of max_model_len tokens). None (a caller
+        that does not know): vLLM's default of MAX_SEQS at once, with a cache of at most 1 GiB (sequences that do
+        not fit wait or are recomputed). dtype: the engine's weights and KV cache, default bfloat16 on GPU and
+        float32 on CPU."""
         max_model_len = context_limit(model, max_model_len, trust_remote_code)
+        self.dtype = dtype if dtype not in (None, "auto") else "bfloat16" if torch.cuda.is_available() else "float32"
+        self.max_seqs = max(1, min(max_seqs or MAX_SEQS, MAX_SEQS))
+        self.kv_bytes = 0
         self.backend, self.seed, self.max_model_len, self.hf_batch_size = backend, seed, max_model_len, hf_batch_size
         self.on_gpu = torch.cuda.is_available()
-        self.sleep_mode = self.on_gpu and backend == "vllm" if sleep_mode is None else sleep_mode
+        self.sleep_mode = backend == "vllm" if sleep_mode is None else sleep_mode
         self.asleep, self.weights_lost = set(), False  # released memory tags; weights discarded (level 2)
         self.last_gen_tokens = self.last_gen_seconds = self.last_tokens_per_s = self.last_truncated = 0
         self.last_sync_seconds = 0.0
@@ -95,8 +122,16 @@ class Engine:
         # waits for the next step whole (vLLM then raises the budget to at least max_model_len), so no sample is
         # ever drawn and discarded, and each seeded generator draws exactly once per generated token: the same
         # (seed, i, j) gives the same tokens whatever the batch. GPU keeps chunked prefill (the rewind works).
+        kv = {}
+        if not self.on_gpu:
+            self.kv_bytes = kv_cache_bytes(model, max_model_len, self.max_seqs, self.dtype, trust_remote_code)
+            if max_seqs is None:
+                self.kv_bytes = min(self.kv_bytes, 2**30)
+            if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # the user's fixed budget (vLLM applies it over ours)
+                self.kv_bytes = int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * 2**30
+            kv = dict(kv_cache_memory_bytes=self.kv_bytes, max_num_seqs=self.max_seqs)
         with _keep_process_state():  # the trainer keeps its RNG streams and thread control
-            self.llm = LLM(model=str(model), seed=seed, dtype="bfloat16" if self.on_gpu else "float32",
+            self.llm = LLM(model=str(model), seed=seed, dtype=self.dtype, **kv,
                            enforce_eager=not self.on_gpu, max_model_len=max_model_len,
                            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                            distributed_executor_backend="external_launcher" if distributed else None,
@@ -114,6 +149,7 @@ class Engine:
         if self.asleep or self.weights_lost:
             raise RuntimeError("engine asleep: sync() before generate() (or wake_up() after sleep(level=1))")
         jobs = [(i, j) for i in range(len(prompts)) for j in range(n + int(greedy))]
+        self._check_lengths(prompts)
         t0 = time.time()
         if self.backend == "hf":
             outs = self._hf_generate(prompts, jobs, n, temperature, top_p, max_new_tokens, seed, ignore_eos)
@@ -138,6 +174,18 @@ class Engine:
         for (i, _), o in zip(jobs, outs):
             grouped[i].append(o)
         return grouped
+
+    def _check_lengths(self, prompts):
+        """A prompt that leaves no room for one response token in max_model_len is a known bad input (data rows are
+        checked before the engine starts; this catches the rest, e.g. built-in prompts under a tiny --max-len):
+        config.InputError, one `error:` line and exit code 2 instead of vLLM's traceback on the rank that met it."""
+        from common.config import InputError
+        for i, p in enumerate(prompts):
+            n = len(self.tok(p).input_ids)  # as vLLM (and _hf_generate) tokenize it
+            if n >= self.max_model_len:
+                raise InputError(f"a prompt of {n} tokens leaves no room for a response in the context limit "
+                                 f"{self.max_model_len} (--max-len, capped by the model's max_position_embeddings): "
+                                 f"{p[:60]!r}...", every_rank=False)
 
     @torch.no_grad()
     def _hf_generate(self, prompts, jobs, n, temperature, top_p, max_new_tokens, seed, ignore_eos):
@@ -218,19 +266,30 @@ class Engine:
         self.last_sync_seconds = time.time() - t0
 
     def sleep(self, level=2):
-        """Release KV cache and weights while the trainer updates (GPU sleep mode; a no-op on CPU).
-        Level 2 discards the weights (the next `sync` reloads them all, no CPU copy); level 1 offloads
-        them to CPU memory, so `wake_up()` alone brings the same weights back."""
+        """Release memory while the trainer updates. GPU (vLLM's sleep mode): KV cache and weights; level 2
+        discards the weights (the next `sync` reloads them all, no CPU copy), level 1 offloads them to CPU memory,
+        so `wake_up()` alone brings the same weights back. CPU (vLLM's CPU worker has no sleep mode): level 2
+        frees the weights here (_release_cpu_weights: the packed GEMM weights and the embedding), the next `sync`
+        rebuilds them, which costs nothing extra (every sync repacks all weights anyway); the KV cache, sized to
+        the run, stays; level 1 keeps everything."""
         if self.backend == "vllm" and self.sleep_mode and not self.asleep:
-            self.llm.sleep(level=level)
-            self.asleep, self.weights_lost = {"weights", "kv_cache"}, level >= 2
+            if self.on_gpu:
+                self.llm.sleep(level=level)
+                self.asleep, self.weights_lost = {"weights", "kv_cache"}, level >= 2
+            elif level >= 2:
+                self.llm.apply_model(_release_cpu_weights)
+                _trim_heap()
+                self.asleep, self.weights_lost = {"weights"}, True
 
     def wake_up(self, tags=None):
         """Re-allocate the released memory: tags None (all), ["weights"] or ["kv_cache"]."""
         tags = [t for t in (tags or ["weights", "kv_cache"]) if t in self.asleep]
-        if tags:
+        if tags and self.on_gpu:
             self.llm.wake_up(tags=tags)
-            self.asleep -= set(tags)
+        elif "weights" in tags:
+            _trim_heap()  # what the trainer's update freed goes back to the system before the weights come back
+            self.llm.apply_model(_restore_cpu_weights)
+        self.asleep -= set(tags)
 
     def shutdown(self):
         """Stop the engine; call it on every rank before `dist.cleanup()`. vLLM's teardown destroys its
@@ -276,6 +335,45 @@ def _quiet_vllm():
         log.addHandler(h)
         log.setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
         log.propagate = False
+
+
+def _asleep_linear(*a, **kw):
+    raise RuntimeError("engine weights released (Engine.sleep): sync() before generate()")
+
+
+def _release_cpu_weights(model):
+    """Level-2 sleep for vLLM's CPU backend (run on the worker by apply_model). Its linear layers keep their
+    weights only inside a packed GEMM handle (the `cpu_linear` closure; `weight` is an empty placeholder), the
+    embedding keeps `weight` and a packed handle for the head. Drop every handle and free the storage of the
+    weights that keep one; `_restore_cpu_weights` gives the storage back (contents undefined) and the next
+    reload_weights fills it and packs new handles, layer by layer. A layer the reload missed would raise on its
+    first use (_asleep_linear), never compute with stale weights."""
+    released = []
+    for m in model.modules():
+        if hasattr(m, "cpu_linear"):
+            m.cpu_linear = _asleep_linear
+            w = getattr(m, "weight", None)
+            if isinstance(w, torch.Tensor) and w.untyped_storage().nbytes() > 0:
+                released.append((w, w.untyped_storage().nbytes()))
+                w.untyped_storage().resize_(0)
+    model._released_storage = released
+    return sum(n for _, n in released)
+
+
+def _restore_cpu_weights(model):
+    for w, nbytes in getattr(model, "_released_storage", []):
+        w.untyped_storage().resize_(nbytes)
+    model._released_storage = []
+
+
+def _trim_heap():
+    """Give the heap's free pages back to the system (glibc malloc_trim): freed tensors below the mmap threshold
+    otherwise stay in this process's RSS, and the next phase (engine weights, gathered tensors) adds to them."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _tied_head(named_tensors, tied, seen):
