@@ -81,15 +81,21 @@ def print0(*a, **kw):
         print(*a, **kw, flush=True)
 
 
+RESHARD_CPU_PARAMS = 50_000_000  # on CPU, models from this many parameters reshard after forward (memory)
+
+
 def wrap_fsdp(model, layers, device, bf16=None):
     """FSDP2: `fully_shard` every decoder layer, then the root. bf16 params with fp32 gradient
     reduction on GPU (mixed precision), plain fp32 on CPU. On GPU parameters are resharded after
-    forward (memory); on CPU they stay gathered until backward (gloo collectives are latency-bound)."""
+    forward (memory). On CPU small models keep them gathered until backward (gloo collectives are
+    latency-bound, and a gathered copy of a small model costs little); from RESHARD_CPU_PARAMS
+    parameters they are resharded too: kept gathered, a 0.5B model's layers held a whole second copy
+    of the weights (2 GB per rank) through every forward and backward."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     bf16 = device.type == "cuda" if bf16 is None else bf16
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     model.to(device)
-    reshard = device.type == "cuda"
+    reshard = device.type == "cuda" or sum(p.numel() for p in model.parameters()) >= RESHARD_CPU_PARAMS
     for layer in layers:
         fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mp_policy=mp, reshard_after_forward=reshard)
