@@ -353,6 +353,20 @@ def resume(path, model, optimizer, scheduler=None):
     return {"step": int(meta["step"]), "extra": mine["extra"]}
 
 
+def resumed_ref(state, ref):
+    """pi_ref after a resume (`state` from `resume`): the checkpoint's shards of the run's initial weights, or None
+    when this run keeps no pi_ref (ref is None: --kl-coef 0 without --log-kl-ref; any saved copy is dropped). A run
+    that needs pi_ref cannot resume a checkpoint saved without one: the initial weights are no longer known."""
+    if ref is None:
+        return None
+    if "ref" not in state["extra"]:
+        from common.config import InputError
+        raise InputError("--resume: this run needs pi_ref (--kl-coef > 0 or --log-kl-ref) but its checkpoints were "
+                         "saved without it (the run started with --kl-coef 0 and without --log-kl-ref); start a new "
+                         "run from its exported weights instead")
+    return state["extra"]["ref"]
+
+
 def save_or_stop(step, total, save_every, run_dir, model, optimizer, stop, guard, extra=None, keep_last=2,
                  export=None, name="trainer"):
     """The end of every training step (collective): checkpoint `step` every `save_every` steps (0: never

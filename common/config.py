@@ -1,6 +1,7 @@
 """Command-line arguments every trainer shares: the run, its data, held-out evaluation and checkpoints. Each
 trainer's own `Args(RunArgs)` dataclass, at the top of its file, adds the algorithm's knobs (tyro reads the
 comment after each field as its --help text; a trainer re-declares a field to change its default)."""
+import contextlib
 import dataclasses
 import json
 import sys
@@ -29,6 +30,7 @@ class RunArgs:
     eval_temperature: float = 1.0        # held-out sampling temperature
     rollout: Literal["vllm", "hf"] = "vllm"  # generation backend (hf: plain transformers, slower)
     gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory (colocated with the trainer)
+    engine_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # vLLM's weights and KV cache (auto: bf16 on GPU, fp32 on CPU)
     track: Literal["none", "wandb", "tensorboard"] = "none"  # extra metrics sink besides metrics.jsonl
     trust_remote_code: bool = False      # allow model code from the hub (off: safer)
     save_every: int = 50                 # sharded checkpoint every N steps, at the end and on SIGTERM (0: only those)
@@ -78,6 +80,31 @@ def cli(cls, argv=None):
         _usage_error(f"--config {path}: {', '.join(unknown)} are not arguments of {cls.__module__}.py")
     default = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     return tyro.cli(cls, args=argv, default=default)
+
+
+class InputError(ValueError):
+    """A known bad input found while the run works (data, lengths, a checkpoint that does not fit the flags): the
+    trainers print it as one `error:` line and exit with code 2 on every rank (`one_line_errors`), like the flag
+    checks above, instead of a traceback per rank. every_rank=False: only some ranks meet it (e.g. a prompt in
+    this rank's share of a batch), so the rank that meets it prints it, whichever it is."""
+
+    def __init__(self, message, every_rank=True):
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Around a trainer's main(): an InputError becomes one `error:` line (rank 0) and exit code 2 on every rank.
+    Each rank meets the same input, so each stops on its own; no collective is needed (nor safe: the other rank
+    may be inside one)."""
+    try:
+        yield
+    except InputError as e:
+        if not e.every_rank:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2)
+        _usage_error(str(e))
 
 
 def _usage_error(message):

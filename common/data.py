@@ -309,9 +309,26 @@ def load_split(args, tokenizer, max_len=None):
     """(train_rows, eval_rows) for a trainer's args: the built-in task when --data builtin, else the
     file/hub rows with the last --eval-size rows (or --eval-data) held out. max_len: the context limit
     the engine will accept, rollout.context_limit(model, args.max_len) (default args.max_len)."""
+    try:
+        return _load_split(args, tokenizer, max_len)
+    except ValueError as e:  # a bad row or file: one `error:` line, exit code 2 (config.one_line_errors)
+        from common.config import InputError
+        raise InputError(str(e)) from None
+
+
+def _load_split(args, tokenizer, max_len):
     if args.data == "builtin":
-        return builtin_split(args.train_size, args.eval_size, args.difficulty, args.max_num,
-                             getattr(args, "flawed_frac", 0.0), args.seed)
+        train, heldout = builtin_split(args.train_size, args.eval_size, args.difficulty, args.max_num,
+                                       getattr(args, "flawed_frac", 0.0), args.seed)
+        if max_len and tokenizer is not None:  # its prompts must leave the engine room for a response, as file rows
+            note = limit_kwargs(args.max_len, max_len)["limit_note"]
+            for split, rows in (("train", train), ("held-out", heldout)):
+                lengths = [len(x) for x in tokenizer([format_prompt(tokenizer, r["question"]) for r in rows]).input_ids]
+                i = max(range(len(rows)), key=lengths.__getitem__, default=None)
+                if i is not None and lengths[i] >= max_len:
+                    raise ValueError(f"built-in task: {split} row {i + 1}: the prompt is {lengths[i]} tokens, leaving "
+                                     f"no room for a response in the context limit {max_len} ({note})")
+        return train, heldout
     kw = dict(prompt_key=args.prompt_key, answer_key=args.answer_key, tokenizer=tokenizer,
               skip_bad_rows=args.skip_bad_rows, response_key=getattr(args, "response_key", None),
               **limit_kwargs(args.max_len, max_len))
