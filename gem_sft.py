@@ -147,7 +147,8 @@ def main(args: Args):
     if args.eval_k == 0:
         return dist.cleanup()
     engine = Engine(hf_dir, args.rollout, seed=args.seed, max_model_len=args.max_len,
-                    gpu_memory_utilization=args.gpu_memory_utilization)
+                    gpu_memory_utilization=args.gpu_memory_utilization,
+                    max_seqs=-(-len(eval_rows) // d.world) * args.eval_k, dtype=args.engine_dtype)
     t0 = time.time()
     ev = evaluate(engine, eval_rows, tok, k=args.eval_k, temperature=args.eval_temperature,
                   max_new_tokens=args.max_new_tokens, seed=args.seed, rank=d.rank, world=d.world)
@@ -158,5 +159,6 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(config.cli(Args))  # tyro, plus --config RUN/args.json to replay a run
+    with config.one_line_errors():  # a known bad input found while running: one `error:` line, exit code 2
+        main(config.cli(Args))  # tyro, plus --config RUN/args.json to replay a run
     dist.exit_cleanly()  # no interpreter finalization after a finished run (see there why)

@@ -44,7 +44,8 @@ class Args(RunArgs):  # + the run, data, evaluation and checkpoint flags of comm
     clip_eps_low: float = 0.2            # ratio clip: s in [1 - eps_low, 1 + eps_high]
     clip_eps_high: float = 0.2           # clip-higher (DAPO): 0.28
     loss_agg: losses.Agg = "token-mean"  # token-mean | seq-mean-token-mean | -token-sum | -token-sum-norm (losses.py)
-    kl_coef: float = 0.0                 # beta of KL(pi_theta || pi_ref); 0 = no KL term, no pi_ref forward in training
+    kl_coef: float = 0.0                 # beta of KL(pi_theta || pi_ref); 0 = no KL term, no pi_ref copy or forward
+    log_kl_ref: bool = False             # with --kl-coef 0: keep pi_ref anyway (a copy of the weights) to log train/kl_ref on eval steps
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # Schulman's estimators (k3 clamped at 10, as verl)
     kl_in: Literal["loss", "reward"] = "loss"  # KL as a loss term, or -beta k1 per token in the reward (with pi_old)
     entropy_coef: float = 0.0            # adds -coef * H_t to the loss (entropy bonus)
@@ -123,14 +124,17 @@ def main(args: Args):
     train_rows, eval_rows = data.load_split(args, tok, limit)
     ckpt = checkpoint.prepare_run(out, args, NAME)  # refuses a run folder/flags that would lose or mix up a run
     policy = dist.wrap_fsdp(M.WithHead(lm), M.decoder_layers(lm), d.device)
-    ref = dist.local_shards(policy)  # pi_ref = the initial weights: this rank's shard, in CPU memory
+    # pi_ref = the initial weights, this rank's shard in CPU memory: only when the run uses it (KL) or logs it
+    ref = dist.local_shards(policy) if args.kl_coef > 0 or args.log_kl_ref else None
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     engine = Engine(M.resolve(args.model), args.rollout, seed=args.seed, max_model_len=args.max_len,
-                    gpu_memory_utilization=args.gpu_memory_utilization, trust_remote_code=args.trust_remote_code)
+                    gpu_memory_utilization=args.gpu_memory_utilization, trust_remote_code=args.trust_remote_code,
+                    max_seqs=max(args.prompts_per_step // d.world * (args.n_samples + 1),  # + a greedy one (ReMax)
+                                 -(-args.eval_size // d.world) * args.eval_k), dtype=args.engine_dtype)
     stop, guard, start = checkpoint.StopFlag(), checkpoint.BadStepGuard(args.max_bad_steps, out), 0
     if ckpt:
         st = checkpoint.resume(ckpt, policy, opt)
-        start, ref = st["step"], st["extra"]["ref"]
+        start, ref = st["step"], checkpoint.resumed_ref(st, ref)
         engine.sync(dist.full_state_items(policy))  # the engine started from the initial weights
         dist.print0(f"[{NAME}] resumed from {ckpt} at step {start}")
     log = Logger(out, args.steps, d.main, None if args.track == "none" else args.track, out.name, asdict(args), start)
@@ -170,7 +174,7 @@ def main(args: Args):
         kl_reward = args.kl_coef > 0 and args.kl_in == "reward"
         if args.mini_batches > 1 or args.ppo_epochs > 1 or kl_reward:  # else on-policy: rl_update's own forward
             b.old_logp = M.batched_logprobs(policy, ids, attn, targets, args.temperature, args.micro_batch_size)
-        if args.kl_coef > 0 or is_eval(step + 1):  # KL to pi_ref: in the loss/reward, or for the log on eval steps
+        if args.kl_coef > 0 or (args.log_kl_ref and is_eval(step + 1)):  # KL to pi_ref: loss/reward, or the log
             with dist.swapped_weights(policy, ref):
                 b.ref_logp = M.batched_logprobs(policy, ids, attn, targets, args.temperature, args.micro_batch_size)
         kl_pen = args.kl_coef * losses.kl(b.old_logp, b.ref_logp, "k1") if kl_reward else None  # beta k1_t, pi_old
@@ -195,15 +199,18 @@ def main(args: Args):
         log_samples(log, step + 1, prompts, samples, r.flatten().tolist())  # -> samples.jsonl
         if is_eval(step + 1):
             run_eval(step + 1)
-        if checkpoint.save_or_stop(step + 1, args.steps, args.save_every, out, policy, opt, stop, guard, {"ref": ref},
+        if checkpoint.save_or_stop(step + 1, args.steps, args.save_every, out, policy, opt, stop, guard,
+                                   {} if ref is None else {"ref": ref},
                                    args.keep_last, args.export_every_save and (tok,), NAME):
             break
     else:
+        engine.sleep()  # its weights are not needed for the export, which gathers the whole model on rank 0
         checkpoint.export_hf(policy, tok, out / "hf", d.main)
     engine.shutdown()
     dist.cleanup()
 
 
 if __name__ == "__main__":
-    main(config.cli(Args))  # tyro, plus --config RUN/args.json to replay a run
+    with config.one_line_errors():  # a known bad input found while running: one `error:` line, exit code 2
+        main(config.cli(Args))  # tyro, plus --config RUN/args.json to replay a run
     dist.exit_cleanly()  # no interpreter finalization after a finished run (see there why)
