@@ -69,3 +69,15 @@ def test_args_json_records_provenance_and_replays(tmp_path):
     assert run["world"] == 1 and run["torch"].startswith("2.") and "transformers" in run
     assert run["git_commit"] == "unknown" or len(run["git_commit"].split("+")[0]) == 40
     assert config.cli(grpo.Args, ["--config", str(tmp_path / "args.json")]) == args  # "_run" is not an argument
+
+
+def test_input_error_is_one_line_exit_2(capsys):
+    """config.one_line_errors (around every trainer's main): a known bad input found while running is one `error:`
+    line (on rank 0 when every rank meets it; here the one process is rank 0) and exit code 2; anything else passes."""
+    from common import config
+    for every_rank in (True, False):
+        with pytest.raises(SystemExit) as e, config.one_line_errors():
+            raise config.InputError("data.jsonl: row 3: too long", every_rank=every_rank)
+        assert e.value.code == 2 and capsys.readouterr().err == "error: data.jsonl: row 3: too long\n"
+    with pytest.raises(KeyError), config.one_line_errors():
+        raise KeyError("a bug keeps its traceback")

@@ -281,3 +281,33 @@ if __name__ == "__main__":  # the pool's forkserver imports this file too
     flag, before, after, own_group = json.loads(r.stdout.splitlines()[-1])
     assert flag == [signal.SIGTERM] and own_group == [True, True]
     assert before == after == [[1.0] * 4, {"timeouts": 0, "errors": 0, "format_ok": 1.0}]
+
+
+def _one_error_line(text, message):
+    """A run stopped by a known bad input: one `error:` line naming it, no rank's traceback, worker exit code 2."""
+    lines = [x for x in text.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1 and message in lines[0], text[-4000:]
+    assert "[rank0]: Traceback" not in text and "[rank1]: Traceback" not in text, text[-4000:]
+    assert "exitcode  : 2" in text, text[-4000:]  # torchrun's report of the workers' exit code
+
+
+SMALL_RL = ["--model", "tiny", *TASK, "--prompts-per-step", "2", "--n-samples", "2", "--max-new-tokens", "8",
+            "--eval-k", "1", "--train-size", "40"]
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_one_error_line_before_and_after_the_engine_starts(tmp_path):
+    """Known bad inputs are one `error:` line and exit code 2, wherever they are found: a built-in prompt longer than
+    --max-len (found with the data, before the engine starts), and a resume whose flags need pi_ref from a run that
+    kept none (found once the engine runs: the trainers resume after starting it)."""
+    out = tmp_path / "short"
+    rc, text = _finish(_launch("grpo.py", out, [*SMALL_RL, "--max-len", "8"], tmp_path / "short.log"), tmp_path / "short.log")
+    _one_error_line(text, "built-in task: train row")
+    out = tmp_path / "noref"
+    rc, text = _finish(_launch("grpo.py", out, [*SMALL_RL, "--steps", "1"], tmp_path / "a.log"), tmp_path / "a.log")
+    assert rc == 0, text[-3000:]
+    args = [*SMALL_RL, "--steps", "2", "--resume", "--log-kl-ref", "--resume-override"]
+    rc, text = _finish(_launch("grpo.py", out, args, tmp_path / "b.log"), tmp_path / "b.log")
+    _one_error_line(text, "--resume: this run needs pi_ref (--kl-coef > 0 or --log-kl-ref) but its checkpoints were "
+                          "saved without it")
+    assert _train_steps(out) == 1  # nothing was trained or logged after the error

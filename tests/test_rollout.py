@@ -326,3 +326,14 @@ def test_two_ranks_gsm8k_long_prompts(tiny, tmp_path):
             assert n_lp == n_resp and n_prompt + n_resp <= 512
             assert (finish == "stop") == eos and (finish == "stop" or n_resp == 8)
         assert x["same_seed_equal"] and x["other_seed_differs"], x
+
+
+def test_prompt_longer_than_the_context_is_an_input_error(tiny):
+    """A prompt that leaves no room for one response token (one the data checks could not see) is a config.InputError
+    raised by the rank that meets it (every_rank=False: its share of the batch), before anything is generated."""
+    from common.config import InputError
+    eng = Engine(tiny[True], "hf", max_model_len=16)
+    eng.generate(["1+1="], n=1, max_new_tokens=2)
+    with pytest.raises(InputError, match="a prompt of 20 tokens leaves no room for a response in the context limit 16") as e:
+        eng.generate(["1+1=", "x" * 20], n=1, max_new_tokens=2)
+    assert not e.value.every_rank

@@ -95,7 +95,7 @@ def test_two_steps_update_exactly_when_there_is_signal(cold_start, tmp_path, tra
     out = tmp_path / trainer
     # 0 = "only at the end" for both: the run still evaluates and checkpoints after its last step
     _run(trainer, out, "--model", str(cold_start), *RL, "--steps", "2", "--eval-every", "0", "--save-every", "0",
-         "--weight-decay", "0")
+         "--weight-decay", "0", "--log-kl-ref")
     assert checkpoint.latest(out).name == "step_000002"
     rows = _metrics(out)
     train = [r for r in rows if "train/loss" in r]
@@ -115,7 +115,7 @@ def test_two_steps_update_exactly_when_there_is_signal(cold_start, tmp_path, tra
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]  # a few completions per step
     assert [x["step"] for x in samples] == [1] * 4 + [2] * 4
     assert all(x["reward"] in (0.0, 1.0) and x["prompt"].endswith("=\n") and isinstance(x["response"], str) for x in samples)
-    # KL coefficient 0: no pi_ref forward in training, only on the evaluation step (here the last) for the log
+    # KL coefficient 0 with --log-kl-ref: no pi_ref forward in training, only on the evaluation step (here the last)
     assert "train/kl_ref" not in train[0] and train[1]["train/kl_ref"] >= 0
     before, after = load_file(cold_start / "model.safetensors"), load_file(out / "hf" / "model.safetensors")
     changed = sum(not torch.equal(before[k], after[k]) for k in before)
@@ -123,6 +123,40 @@ def test_two_steps_update_exactly_when_there_is_signal(cold_start, tmp_path, tra
         assert changed > len(before) // 2, (changed, train)
     else:
         assert changed == 0, (changed, train)
+
+
+@pytest.mark.slow
+def test_grpo_step_with_a_real_vocabulary(tmp_path):
+    """One GRPO step through vLLM on 2 ranks of a model with Qwen2.5's vocabulary (V = 151,936; hidden 64, 2 layers,
+    random weights): the big-vocabulary paths (the fused log-prob head over 151,936 columns, the tied head's sync into
+    the engine, sampling and decoding ids the built-in tokenizer never produces, the KV cache sized from --max-len).
+    Asserted by construction, whatever a random model samples: every logged number is finite, the trainer's
+    log-probs of the sampled tokens match the engine's (same weights, fp32), the weights change if and only if a
+    response had a non-zero advantage, the exported head has V rows. And without --log-kl-ref (KL coefficient 0)
+    the run keeps no pi_ref: no train/kl_ref on the evaluation step, no pi_ref shards in the checkpoint."""
+    from common.model import build_tiny
+    V = 151_936
+    model = build_tiny(tmp_path / "vocab151936", seed=0, hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128,
+                       vocab=V)
+    out = tmp_path / "grpo"
+    _run("grpo.py", out, "--model", str(model), *TASK, "--prompts-per-step", "2", "--n-samples", "2", "--eval-k", "2",
+         "--max-new-tokens", "8", "--max-len", "64", "--mini-batches", "1", "--steps", "1", "--eval-every", "0",
+         "--weight-decay", "0", "--lr", "1e-3")
+    rows = _metrics(out)
+    train = [r for r in rows if "train/loss" in r]
+    assert len(train) == 1 and any("eval/pass@1" in r for r in rows)
+    for r in rows:
+        for k, v in r.items():
+            assert isinstance(v, (int, float)) and math.isfinite(v), (k, v)
+    r = train[0]
+    assert r["train/response_len"] > 0 and r["train/logprob_gap"] < 1e-3, r
+    assert "train/kl_ref" not in r  # the last step evaluates, but pi_ref is neither kept nor logged
+    extra = torch.load(out / "checkpoints" / "step_000001" / "rank_00000.pt", weights_only=True)["extra"]
+    assert "ref" not in extra
+    before, after = load_file(model / "model.safetensors"), load_file(out / "hf" / "model.safetensors")
+    assert after["model.embed_tokens.weight"].shape == (V, 64)
+    changed = sum(not torch.equal(before[k], after[k]) for k in before)
+    assert (changed > 0) == (r["train/nonzero_adv"] > 0), (changed, r)
 
 
 def _kill_job(p):
