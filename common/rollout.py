@@ -139,6 +139,9 @@ class Engine:
                            trust_remote_code=trust_remote_code, enable_prefix_caching=True,
                            enable_chunked_prefill=self.on_gpu)
         self.tok = self.llm.get_tokenizer()
+        if not self.on_gpu:
+            self.llm.apply_model(_drop_unused_cpu_copies)
+            _trim_heap()
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False))
 
     # ------------------------------------------------------------------ generation
@@ -257,6 +260,9 @@ class Engine:
             self.wake_up(["weights"])
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
             self.weights_lost = False
+            if not self.on_gpu:
+                self.llm.apply_model(_drop_unused_cpu_copies)
+                _trim_heap()
             self.wake_up(["kv_cache"])
             assert self.llm.reset_prefix_cache(), "prefix cache not reset (requests still running?)"
         missing = (self.ckpt_keys or set()) - seen
@@ -348,7 +354,7 @@ def _release_cpu_weights(model):
     weights that keep one; `_restore_cpu_weights` gives the storage back (contents undefined) and the next
     reload_weights fills it and packs new handles, layer by layer. A layer the reload missed would raise on its
     first use (_asleep_linear), never compute with stale weights."""
-    released = []
+    released = getattr(model, "_released_storage", [])
     for m in model.modules():
         if hasattr(m, "cpu_linear"):
             m.cpu_linear = _asleep_linear
@@ -358,6 +364,23 @@ def _release_cpu_weights(model):
                 w.untyped_storage().resize_(0)
     model._released_storage = released
     return sum(n for _, n in released)
+
+
+def _drop_unused_cpu_copies(model):
+    """After vLLM's CPU backend (re)loads a model with a head module of its own (ParallelLMHead; Qwen2 has one even
+    when tied, sharing the embedding's weight), the input embedding still packs a GEMM copy of itself that only a
+    head would use: [V x D], 0.54 GB for a 0.5B model in fp32. Drop it (its lookups read `weight`); the next reload
+    packs it again and this runs again. (The head's own `weight` must stay: its GEMM handle may point into it.)"""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+    if not any(isinstance(m, ParallelLMHead) for m in model.modules()):
+        return 0
+    dropped = 0
+    for m in model.modules():
+        if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead) \
+                and getattr(m, "cpu_linear", None) not in (None, _asleep_linear):
+            m.cpu_linear = _asleep_linear  # a call would raise, never compute with something stale
+            dropped += 1
+    return dropped
 
 
 def _restore_cpu_weights(model):
@@ -380,11 +403,13 @@ def _tied_head(named_tensors, tied, seen):
     """Pass (name, tensor) through, recording names in `seen`. Tied models: the embedding is also sent as
     `lm_head.weight` right after it (vLLM's CPU backend packs a separate copy of the head, which would
     otherwise stay stale), and any other `lm_head.weight` in the stream is dropped."""
-    for name, t in named_tensors:
+    for k, (name, t) in enumerate(named_tensors):
         if tied and name == "lm_head.weight":
             continue
         seen.add(name)
         yield name, t
+        if k % 16 == 15:
+            _trim_heap()  # the gathered tensors already loaded (freed) leave the heap, not just the tensors
         if tied and name == "model.embed_tokens.weight":
             seen.add("lm_head.weight")
             yield "lm_head.weight", t
