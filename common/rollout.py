@@ -249,7 +249,10 @@ class Engine:
         wake first, the KV cache only after loading."""
         t0 = time.time()
         seen = set()
-        stream = _tied_head(named_tensors, self.tied, seen)
+        # CPU: the embedding's unused packed copy goes as soon as the embedding is reloaded, before the head's
+        after_embedding = None if self.on_gpu or self.backend != "vllm" else \
+            (lambda: self.llm.apply_model(_drop_unused_cpu_copies))
+        stream = _tied_head(named_tensors, self.tied, seen, after_embedding)
         if self.backend == "hf":
             state = self.model.state_dict()  # detached views of the parameters
             for name, t in stream:
@@ -399,7 +402,7 @@ def _trim_heap():
         pass
 
 
-def _tied_head(named_tensors, tied, seen):
+def _tied_head(named_tensors, tied, seen, after_embedding=None):
     """Pass (name, tensor) through, recording names in `seen`. Tied models: the embedding is also sent as
     `lm_head.weight` right after it (vLLM's CPU backend packs a separate copy of the head, which would
     otherwise stay stale), and any other `lm_head.weight` in the stream is dropped."""
@@ -410,6 +413,8 @@ def _tied_head(named_tensors, tied, seen):
         yield name, t
         if k % 16 == 15:
             _trim_heap()  # the gathered tensors already loaded (freed) leave the heap, not just the tensors
+        if name == "model.embed_tokens.weight" and after_embedding is not None:
+            after_embedding()  # the consumer asked for the next tensor: the embedding is loaded (and repacked)
         if tied and name == "model.embed_tokens.weight":
             seen.add("lm_head.weight")
             yield "lm_head.weight", t
