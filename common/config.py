@@ -55,6 +55,10 @@ class RunArgs:
                 _usage_error(f"--{flag.replace('_', '-')} {getattr(self, flag)} is not divisible by the {world} ranks")
         if getattr(self, "max_new_tokens", 1) < 1:
             _usage_error(f"--max-new-tokens {self.max_new_tokens}: a response needs at least 1 token")
+        rows = getattr(self, "prompts_per_step", 0) // world * getattr(self, "n_samples", 0)  # responses per rank
+        if rows and getattr(self, "mini_batches", 1) > rows:  # an empty mini-batch would crash in the forward
+            _usage_error(f"--mini-batches {self.mini_batches}: each rank has only {rows} responses per step "
+                         f"(--prompts-per-step {self.prompts_per_step} / {world} ranks x --n-samples {self.n_samples})")
         if getattr(self, "n_samples", 1) < getattr(self, "min_samples", 1):
             _usage_error(f"--n-samples {self.n_samples}: this algorithm needs groups of at least {self.min_samples} "
                          f"responses (one response has no group variance: every advantage would be 0)")

@@ -37,6 +37,8 @@ def test_bad_flags_fail_at_parse_time_in_one_line(monkeypatch, capsys):
     assert "--max-new-tokens 0" in _usage_error(lambda: grpo.Args(max_new_tokens=0), capsys)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun --nproc_per_node 2
     assert "--prompts-per-step 3 is not divisible by the 2 ranks" in _usage_error(lambda: grpo.Args(prompts_per_step=3), capsys)
+    assert "--mini-batches 4: each rank has only 2 responses per step" in _usage_error(
+        lambda: grpo.Args(prompts_per_step=2, n_samples=2, mini_batches=4), capsys)
     assert "--prompts-per-step 1" in _usage_error(lambda: remax.Args(prompts_per_step=1), capsys)
     assert "--batch-size 33" in _usage_error(lambda: gem_sft.Args(batch_size=33), capsys)
     grpo.Args(prompts_per_step=4), gem_sft.Args(batch_size=32)

@@ -292,16 +292,17 @@ def _one_error_line(text, message):
 
 
 SMALL_RL = ["--model", "tiny", *TASK, "--prompts-per-step", "2", "--n-samples", "2", "--max-new-tokens", "8",
-            "--eval-k", "1", "--train-size", "40"]
+            "--eval-k", "1", "--train-size", "40", "--mini-batches", "1"]
 
 
 @pytest.mark.slow
 def test_bad_inputs_are_one_error_line_before_and_after_the_engine_starts(tmp_path):
     """Known bad inputs are one `error:` line and exit code 2, wherever they are found: a built-in prompt longer than
     --max-len (found with the data, before the engine starts), and a resume whose flags need pi_ref from a run that
-    kept none (found once the engine runs: the trainers resume after starting it)."""
+    kept none (found once the engine runs: the trainers resume after starting it). The built-in prompts here are
+    5 tokens ("2+3=" and a newline)."""
     out = tmp_path / "short"
-    rc, text = _finish(_launch("grpo.py", out, [*SMALL_RL, "--max-len", "8"], tmp_path / "short.log"), tmp_path / "short.log")
+    rc, text = _finish(_launch("grpo.py", out, [*SMALL_RL, "--max-len", "4"], tmp_path / "short.log"), tmp_path / "short.log")
     _one_error_line(text, "built-in task: train row")
     out = tmp_path / "noref"
     rc, text = _finish(_launch("grpo.py", out, [*SMALL_RL, "--steps", "1"], tmp_path / "a.log"), tmp_path / "a.log")
