@@ -64,7 +64,8 @@ def main(a: Args):
     for algo, start in rl:
         secs[f"{algo}-from-{start}"] = run(f"{algo}.py", out / f"{algo}-from-{start}", "--model",
                                            str(out / f"sft-{start}" / "hf"), "--steps", str(a.rl_steps),
-                                           "--eval-every", str(a.rl_eval_every), *small, nproc=a.nproc)
+                                           "--eval-every", str(a.rl_eval_every), "--log-kl-ref", *small,
+                                           nproc=a.nproc)  # --log-kl-ref: the table's KL to pi_ref (KL coef 0)
     # figures
     from plot import plot
     runs = [out / f"{algo}-from-{start}" for algo, start in rl]
