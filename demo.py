@@ -27,7 +27,7 @@ class Args:
     nproc: int = 2                       # ranks per run (torchrun --nproc_per_node)
     sft_steps: int = 0                   # GEM / CE cold-start steps (0 = gem_sft.py default)
     rl_steps: int = 15                   # steps of each RL run
-    rl_eval_every: int = 15              # held-out evaluation every N RL steps
+    rl_eval_every: int = 5               # held-out evaluation every N RL steps (the curves in curves.png)
     quick: bool = False                  # smoke test: a few steps of everything
 
 
