@@ -10,7 +10,7 @@ Stages (in the order they run; each job is one trainer or eval.py run, exactly a
              each model evaluated on the held-out split at T in {beta, 0.7, 1.0} and greedy, pass@k for k = 1..K
   rl         ReMax and GRPO from the CE and the GEM cold start of the same seed, held-out pass@1 every 5 steps
   remax      why ReMax stalls: the same ReMax from GEM with top-p 0.9, training temperature 0.7, k1 KL in the
-             reward (verl's example), the paper's REINFORCE loss (seq-mean-token-sum, one mini-batch)
+             reward (verl's example), the paper's REINFORCE loss (seq-mean-token-sum, one mini-batch), lr x2
   beta       GEM beta in {0.5, 0.85} (linear) and beta 0.7 with logsigmoid h (wd 0.01): the sweep around ours
   epochs     CE and GEM at 1 and 4 epochs (the paper: CE loses diversity as epochs grow)
   long       GRPO vs RAFT++ vs Reinforce-rej from GEM over --long-steps (early lead, entropy, accuracy vs KL)
@@ -52,6 +52,7 @@ REMAX_VARIANTS = {  # name -> remax.py flags; what each tests is in the module d
     "topp0.9": ["--top-p", "0.9"], "temp0.7": ["--temperature", "0.7"],
     "klreward": ["--kl-coef", "0.001", "--kl-in", "reward", "--kl-estimator", "k1"],
     "reinforce": ["--loss-agg", "seq-mean-token-sum", "--mini-batches", "1"],
+    "lr2e-4": ["--lr", "2e-4"],  # the signal-scale hypothesis: ReMax's A = r - b has ~0.6x GRPO's spread per token
 }
 
 
