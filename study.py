@@ -9,6 +9,7 @@ Stages (in the order they run; each job is one trainer or eval.py run, exactly a
   coldstart  CE vs GEM (ours: beta 0.7, linear h, wd 0.01) vs GEM as the authors ran it (logsigmoid h, no wd);
              each model evaluated on the held-out split at T in {beta, 0.7, 1.0} and greedy, pass@k for k = 1..K
   rl         ReMax and GRPO from the CE and the GEM cold start of the same seed, held-out pass@1 every 5 steps
+  rleval     their final models evaluated at T = 0.7, 1.0 and greedy (8 samples per prompt)
   remax      why ReMax stalls: the same ReMax from GEM with top-p 0.9, training temperature 0.7, k1 KL in the
              reward (verl's example), the paper's REINFORCE loss (seq-mean-token-sum, one mini-batch), lr x2
   beta       GEM beta in {0.5, 0.85} (linear) and beta 0.7 with logsigmoid h (wd 0.01): the sweep around ours
@@ -34,7 +35,7 @@ import tyro
 from common.metrics import read
 
 ROOT = Path(__file__).resolve().parent
-STAGES = ("coldstart", "rl", "remax", "beta", "epochs", "long", "realism")
+STAGES = ("coldstart", "rl", "rleval", "remax", "beta", "realism", "epochs", "long")
 
 # cold starts: name -> gem_sft.py flags (gem_sft's defaults otherwise: beta 0.7, linear h, wd 0.01, 2 epochs)
 COLD = {
@@ -109,6 +110,14 @@ def jobs(a):
             cold(stage, ["ce", "gem", "gem-authors"])
         elif stage == "rl":
             rl(stage, ["remax", "grpo"], ["gem", "ce"], steps, every)
+        elif stage == "rleval":  # the rl stage's final models, like with like: T = 0.7, 1 and greedy
+            for s in a.seeds:
+                for algo in ["remax", "grpo"]:
+                    for c in ["gem", "ce"]:
+                        run = f"{algo}-from-{c}-s{s}"
+                        out.append((stage, f"{run}/eval", ["eval.py", "--model", f"{a.out}/{run}/hf", "--seed", str(s),
+                                                           "--k", "8", "--temperature", "0.7", "1.0", "0.0",
+                                                           "--samples", "0", *small]))
         elif stage == "remax":
             for v, flags in REMAX_VARIANTS.items():
                 rl(stage, ["remax"], ["gem"], steps, every, flags, tag=f"-{v}")
@@ -253,6 +262,20 @@ def report(a):
         for name in rl:
             c = curve(out, name, "eval/pass@1")
             lines.append(f"| {name} | " + " | ".join(fmt(c.get(s, [])) for s in steps) + " |")
+        ends = [n for n in rl if any((p / "eval" / ".study_done").exists() for p in seeds_of(out, n).values())]
+        if ends:
+            lines += ["", "## RL: final models at several temperatures (eval.py, 8 samples per prompt; greedy: one)", "",
+                      "| run | T | pass@1 | pass@8 | maj@8 | distinct answers |", "|---|---|---|---|---|---|"]
+            for name in ends:
+                by_t = {}
+                for p in seeds_of(out, name).values():
+                    if (p / "eval" / ".study_done").exists():
+                        for r in json.loads((p / "eval" / "eval.json").read_text())["by_temperature"]:
+                            by_t.setdefault(r["temperature"], []).append(r)
+                for temp, rs in sorted(by_t.items(), key=lambda kv: (kv[0] == 0, kv[0])):
+                    lines.append(f"| {name} | {'greedy' if temp == 0 else temp} | {fmt([r['pass@1'] for r in rs])} | "
+                                 f"{fmt([r.get('pass@8') for r in rs])} | {fmt([r.get('maj@8') for r in rs])} | "
+                                 f"{fmt([r['distinct_answers'] for r in rs], 2)} |")
         lines += ["", "## RL: per-step training signals (mean over the run's steps)", "",
                   "adv_mean < 0 means the baseline is above the sampled rewards (ReMax: greedy reward − sample reward "
                   "= −adv_mean); nonzero_adv: the share of responses with a gradient.", "",
