@@ -15,8 +15,8 @@ Stages (in the order they run; each job is one trainer or eval.py run, exactly a
   beta       GEM beta in {0.5, 0.85} (linear) and beta 0.7 with logsigmoid h (wd 0.01): the sweep around ours
   epochs     CE and GEM at 1 and 4 epochs (the paper: CE loses diversity as epochs grow)
   long       GRPO vs RAFT++ vs Reinforce-rej from GEM over --long-steps (early lead, entropy, accuracy vs KL)
-  realism    CE and GEM with --wording-variety (answer-neutral variety in the demonstrations), then GRPO and
-             ReMax from each
+  realism    CE and GEM with --wording-variety (answer-neutral variety in the demonstrations)
+  realism-rl GRPO and ReMax from those
 A job is done when its folder holds `.study_done` (written after the run exits 0); a half-finished job is
 re-run from scratch (--overwrite). Logs: <run>/log.txt. The report reads whatever runs exist, so a partial
 study still reports, with n (the number of seeds) beside every mean.
@@ -35,7 +35,7 @@ import tyro
 from common.metrics import read
 
 ROOT = Path(__file__).resolve().parent
-STAGES = ("coldstart", "rl", "rleval", "remax", "beta", "realism", "epochs", "long")
+STAGES = ("coldstart", "rl", "rleval", "remax", "realism", "beta", "realism-rl", "epochs", "long")
 
 # cold starts: name -> gem_sft.py flags (gem_sft's defaults otherwise: beta 0.7, linear h, wd 0.01, 2 epochs)
 COLD = {
@@ -131,6 +131,7 @@ def jobs(a):
                tag="-long")
         elif stage == "realism":
             cold(stage, ["ce-var", "gem-var"])
+        elif stage == "realism-rl":
             rl(stage, ["grpo", "remax"], ["gem-var", "ce-var"], steps, every)
         else:
             raise SystemExit(f"error: unknown stage {stage!r} (stages: {', '.join(STAGES)})")
