@@ -11,7 +11,8 @@ Stages (in the order they run; each job is one trainer or eval.py run, exactly a
   rl         ReMax and GRPO from the CE and the GEM cold start of the same seed, held-out pass@1 every 5 steps
   rleval     their final models evaluated at T = 0.7, 1.0 and greedy (8 samples per prompt)
   remax      why ReMax stalls: the same ReMax from GEM with top-p 0.9, training temperature 0.7, k1 KL in the
-             reward (verl's example), the paper's REINFORCE loss (seq-mean-token-sum, one mini-batch), lr x2
+             reward (verl's example), the paper's REINFORCE loss (seq-mean-token-sum, one mini-batch), lr x2;
+             and GRPO --no-std-norm (baseline = the group's mean reward instead of the greedy one)
   beta       GEM beta in {0.5, 0.85} (linear) and beta 0.7 with logsigmoid h (wd 0.01): the sweep around ours
   epochs     CE and GEM at 1 and 4 epochs (the paper: CE loses diversity as epochs grow)
   long       GRPO vs RAFT++ vs Reinforce-rej from GEM over --long-steps (early lead, entropy, accuracy vs KL)
@@ -121,6 +122,9 @@ def jobs(a):
         elif stage == "remax":
             for v, flags in REMAX_VARIANTS.items():
                 rl(stage, ["remax"], ["gem"], steps, every, flags, tag=f"-{v}")
+            # the baseline-gap test: the same REINFORCE-style update with the group mean as the baseline
+            # (Dr. GRPO: A = r - mean(r), no std) instead of ReMax's greedy reward
+            rl(stage, ["grpo"], ["gem"], steps, every, ["--no-std-norm"], tag="-nostd")
         elif stage == "beta":
             cold(stage, ["gem-b0.5", "gem-b0.85", "gem-logsig"])
         elif stage == "epochs":
