@@ -42,6 +42,7 @@ class Args(RunArgs):  # + the run, data, evaluation and checkpoint flags of comm
     grad_clip: float = 1.0               # global grad-norm clip
     response_key: str = "response"       # data file field with the demonstration (GSM8K/MATH files: "answer")
     flawed_frac: float = 0.1             # built-in task: fraction of demonstrations with an arithmetic slip
+    wording_variety: bool = False        # built-in task: demonstrations vary answer-neutral wording (separators, spaces, closing phrase)
     max_new_tokens: int = 64             # held-out evaluation: response length limit
     log_every: int = 10                  # metrics line every N steps (0: only the last)
     model: str = "tiny"                  # start model: "tiny" (the built-in one), an HF folder or a hub id

@@ -52,11 +52,17 @@ def _text(t, parent_op=None, right=False):
     return s
 
 
-def _solution(rng, tree, slip_prob=0.0):
+SEPARATORS, CLOSINGS = [", ", "; ", " then ", ", so "], [". ", ". So ", ". Answer: "]  # answer-neutral wording
+
+
+def _solution(rng, tree, slip_prob=0.0, wording=None):
     """One worked solution: repeatedly reduce a random ready operation (both operands are numbers),
     writing `a op b = c`; + and * may be written with swapped operands. A slip (prob. per step) writes
-    a wrong result that then propagates, like a real arithmetic mistake. Returns (text, final, slipped)."""
+    a wrong result that then propagates, like a real arithmetic mistake. wording: (step separator, closing
+    phrase, space around operators) -- choices that never change the answer, like the free phrasing of real
+    chain-of-thought (default: the one fixed format). Returns (text, final, slipped)."""
     steps, slipped = [], False
+    sep, close, sp = wording or (", ", ". ", "")
 
     def ready(t, path=()):
         if isinstance(t, int):
@@ -85,16 +91,18 @@ def _solution(rng, tree, slip_prob=0.0):
             slipped = True
         if op in "+*" and rng.random() < 0.5:
             a, b = b, a
-        steps.append(f"{a}{op}{b}={c}")
+        steps.append(f"{a}{sp}{op}{sp}{b}{sp}={sp}{c}")
         tree = replace(tree, path, c)
-    return ", ".join(steps) + f". \\boxed{{{tree}}}", tree, slipped
+    return sep.join(steps) + f"{close}\\boxed{{{tree}}}", tree, slipped
 
 
-def builtin_task(n, seed, difficulty=2, max_num=9, flawed_frac=0.0, exclude=()):
+def builtin_task(n, seed, difficulty=2, max_num=9, flawed_frac=0.0, exclude=(), varied=False):
     """n problems of the built-in task. difficulty = number of operations per problem.
     flawed_frac: fraction of demonstrations that contain an arithmetic slip (wrong final answer).
+    varied: demonstrations with answer-neutral variety of wording (see _solution), drawn from a second
+    random stream so the problems and solution paths are those of varied=False.
     Problems whose question is in `exclude` (the held-out split) are never generated."""
-    rng = random.Random(seed)
+    rng, wording_rng = random.Random(seed), random.Random(f"wording-{seed}")
     rows, seen, rejected = [], set(exclude), 0
     while len(rows) < n:
         tree = _random_tree(rng, difficulty, max_num)
@@ -108,17 +116,20 @@ def builtin_task(n, seed, difficulty=2, max_num=9, flawed_frac=0.0, exclude=()):
             continue
         answer = _value(tree)
         flawed = rng.random() < flawed_frac
-        response, final, _ = _solution(rng, tree, slip_prob=1.0 / difficulty if flawed else 0.0)
+        wording = (wording_rng.choice(SEPARATORS), wording_rng.choice(CLOSINGS), wording_rng.choice(["", " "])) \
+            if varied else None
+        response, final, _ = _solution(rng, tree, slip_prob=1.0 / difficulty if flawed else 0.0, wording=wording)
         if flawed and final == answer:  # make sure a flawed demonstration is really wrong
             response, final = response.replace(f"\\boxed{{{final}}}", f"\\boxed{{{final + 1}}}"), final + 1
         rows.append({"question": question, "answer": str(answer), "response": response})
     return rows
 
 
-def builtin_split(n_train, n_eval, difficulty=2, max_num=9, flawed_frac=0.0, seed=0):
+def builtin_split(n_train, n_eval, difficulty=2, max_num=9, flawed_frac=0.0, seed=0, varied=False):
     """Train rows (seeded) and the fixed held-out rows; no held-out question appears in train."""
     heldout = builtin_task(n_eval, HELDOUT_SEED + difficulty, difficulty, max_num)
-    train = builtin_task(n_train, seed, difficulty, max_num, flawed_frac, exclude={r["question"] for r in heldout})
+    train = builtin_task(n_train, seed, difficulty, max_num, flawed_frac, exclude={r["question"] for r in heldout},
+                         varied=varied)
     return train, heldout
 
 
@@ -319,7 +330,8 @@ def load_split(args, tokenizer, max_len=None):
 def _load_split(args, tokenizer, max_len):
     if args.data == "builtin":
         train, heldout = builtin_split(args.train_size, args.eval_size, args.difficulty, args.max_num,
-                                       getattr(args, "flawed_frac", 0.0), args.seed)
+                                       getattr(args, "flawed_frac", 0.0), args.seed,
+                                       getattr(args, "wording_variety", False))
         if max_len and tokenizer is not None:  # its prompts must leave the engine room for a response, as file rows
             note = limit_kwargs(args.max_len, max_len)["limit_note"]
             for split, rows in (("train", train), ("held-out", heldout)):

@@ -66,6 +66,27 @@ def test_several_solution_paths():
     assert all(score(p, "30") == 1.0 for p in paths)
 
 
+def test_wording_variety_is_answer_neutral():
+    """--wording-variety changes only the phrasing: same questions and answers, every clean demonstration still
+    scores 1 with true arithmetic steps, several wordings occur; off, the one fixed format."""
+    plain = data.builtin_task(400, seed=5, difficulty=3)
+    varied = data.builtin_task(400, seed=5, difficulty=3, varied=True)
+    assert [(r["question"], r["answer"]) for r in plain] == [(r["question"], r["answer"]) for r in varied]
+    step = r"(-?\d+) ?([-+*]) ?(-?\d+) ?= ?(-?\d+)"
+    for r in varied:
+        assert score(r["response"], r["answer"]) == 1.0, r
+        found = re.findall(step, r["response"])
+        assert len(found) == 3, r  # one written step per operation, whatever the wording
+        for a, op, b, c in found:
+            a, b, c = int(a), int(b), int(c)
+            assert c == (a + b if op == "+" else a - b if op == "-" else a * b)
+    wordings = {re.sub(r"\d+", "N", re.sub(step, "S", r["response"])) for r in varied}
+    assert len(wordings) >= 12  # 4 separators x 3 closings (spacing is inside S)
+    assert {r["response"].count(" ") for r in varied} != {1}
+    fixed = r"-?\d+[-+*]-?\d+=-?\d+(, -?\d+[-+*]-?\d+=-?\d+)*\. \\boxed\{-?\d+\}"
+    assert all(re.fullmatch(fixed, r["response"]) for r in plain)
+
+
 def _write(tmp_path, rows):
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")

@@ -10,7 +10,7 @@ import pytest
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"gem_sft", "grpo", "remax", "raftpp", "reinforce_rej", "eval", "plot", "demo"}
+SCRIPTS = {"gem_sft", "grpo", "remax", "raftpp", "reinforce_rej", "eval", "plot", "demo", "study"}
 TORCHRUN_FLAGS = {"--nproc_per_node", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--standalone"}
 
 
@@ -37,7 +37,7 @@ def readme_commands():
 
 def test_readme_has_commands_for_every_trainer():
     scripts = {s for s, _ in readme_commands()}
-    assert {"gem_sft", "grpo", "remax", "raftpp", "reinforce_rej", "eval", "plot", "demo"} <= scripts, scripts
+    assert {"gem_sft", "grpo", "remax", "raftpp", "reinforce_rej", "eval", "plot", "demo", "study"} <= scripts, scripts
 
 
 @pytest.mark.parametrize("script,argv", readme_commands(), ids=lambda x: x if isinstance(x, str) else " ".join(x)[:60])
