@@ -85,8 +85,8 @@ def main(a: Args):
         ce = last(read(out / f"sft-{loss}" / "metrics.jsonl"), "train/ce_loss")
         for r in json.loads((out / f"sft-{loss}" / "eval.json").read_text())["by_temperature"]:
             t = "greedy" if r["temperature"] == 0 else f"{r['temperature']:g}"
-            lines.append(f"| {loss.upper()} | {t} | {r['pass@1']:.3f} | {r.get('pass@8', float('nan')):.3f} | "
-                         f"{r.get('maj@8', float('nan')):.3f} | {r['distinct_answers']:.2f} | {ce:.3f} | "
+            at8 = " | ".join(f"{r[k]:.3f}" if k in r else "–" for k in ("pass@8", "maj@8"))  # greedy: one sample
+            lines.append(f"| {loss.upper()} | {t} | {r['pass@1']:.3f} | {at8} | {r['distinct_answers']:.2f} | {ce:.3f} | "
                          f"{secs[f'sft-{loss}']:.0f} + {secs[f'eval-{loss}']:.0f} |")
     lines += ["", f"## RL ({a.rl_steps} steps; held-out pass@1 with 4 samples per prompt at T=1)", "",
               "| run | pass@1 at each evaluation (every " + str(a.rl_eval_every) + " steps) | pass@4 end | "
