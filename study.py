@@ -174,14 +174,18 @@ def run_all(a):
         secs[name] = round(time.time() - t0, 1)
         secs_path.write_text(json.dumps(secs, indent=1))
         (run / ".study_done").write_text(f"{secs[name]}\n")
-        if is_eval or i + 1 == len(todo) or todo[i + 1][0] != stage:
-            report(a)  # results so far: a long study is readable while it runs
+        if is_eval or (i + 1 < len(todo) and todo[i + 1][0] != stage):
+            report(a)  # results so far: a long study is readable while it runs (main() reports at the end)
+
+
+def _kind(name):
+    """A job's kind: its name without the seed and the cold start (e.g. "grpo-nostd", "sft-ce/eval")."""
+    return name.rsplit("-s", 1)[0].split("-from-")[0] + ("/eval" if name.endswith("/eval") else "")
 
 
 def _expected(secs, name):
-    """Seconds a job should take: the mean of finished jobs of its kind (name without the seed)."""
-    kind = name.rsplit("-s", 1)[0].split("-from-")[0] + ("/eval" if name.endswith("/eval") else "")
-    same = [v for k, v in secs.items() if k.rsplit("-s", 1)[0].split("-from-")[0] + ("/eval" if k.endswith("/eval") else "") == kind]
+    """Seconds a job should take: the mean of finished jobs of its kind."""
+    same = [v for k, v in secs.items() if _kind(k) == _kind(name)]
     return sum(same) / len(same) if same else 120.0
 
 
@@ -210,13 +214,13 @@ def seeds_of(out, prefix):
     return found
 
 
-def eval_rows(out, cold):
-    """{temperature: [eval.py's result dict per seed]} of a cold start's finished evaluations."""
+def eval_rows(out, prefix):
+    """{temperature: [eval.py's result dict per seed]} of the finished evaluations (<run>/eval) of a setting's runs
+    (prefix: e.g. "sft-gem" for a cold start, "grpo-from-gem" for an RL setting's final models)."""
     by_t = {}
-    for p in seeds_of(out, f"sft-{cold}").values():
-        e = p / "eval" / "eval.json"
+    for p in seeds_of(out, prefix).values():
         if (p / "eval" / ".study_done").exists():
-            for r in json.loads(e.read_text())["by_temperature"]:
+            for r in json.loads((p / "eval" / "eval.json").read_text())["by_temperature"]:
                 by_t.setdefault(r["temperature"], []).append(r)
     return by_t
 
@@ -233,11 +237,7 @@ def curve(out, prefix, key):
 
 def train_mean(out, prefix, key):
     """Per seed, the mean of train metric `key` over the run's steps."""
-    vals = []
-    for p in seeds_of(out, prefix).values():
-        xs = [r[key] for r in read(p / "metrics.jsonl") if key in r]
-        vals.append(sum(xs) / len(xs) if xs else None)
-    return vals
+    return [sum(xs) / len(xs) if xs else None for xs in _per_seed(out, prefix, key)]
 
 
 def report(a):
@@ -246,14 +246,14 @@ def report(a):
              "Every cell: mean ± sample std (n seeds). Built-in task, held-out split (200 problems).", ""]
     colds = [c for c in COLD if seeds_of(out, f"sft-{c}")]
     if colds:
-        ks = sorted({int(k.split("@")[1]) for c in colds for rs in eval_rows(out, c).values() for r in rs
+        ks = sorted({int(k.split("@")[1]) for c in colds for rs in eval_rows(out, f"sft-{c}").values() for r in rs
                      for k in r if k.startswith("pass@")})
         lines += ["## Cold starts: held-out pass@k, maj@k, distinct answers per prompt", "",
                   "Flags beyond gem_sft.py's defaults: " + ", ".join(f"`{c}` = `{' '.join(COLD[c])}`" for c in colds) + ".", "",
                   "| cold start | T | " + " | ".join(f"pass@{k}" for k in ks) + " | maj@k | distinct answers |",
                   "|---|---|" + "---|" * (len(ks) + 2)]
         for c in colds:
-            for temp, rs in sorted(eval_rows(out, c).items(), key=lambda kv: (kv[0] == 0, kv[0])):
+            for temp, rs in sorted(eval_rows(out, f"sft-{c}").items(), key=lambda kv: (kv[0] == 0, kv[0])):
                 maj = next((k for k in rs[0] if k.startswith("maj@")), None)
                 lines.append(f"| {c} | {'greedy' if temp == 0 else temp} | " +
                              " | ".join(fmt([r.get(f"pass@{k}") for r in rs]) if f"pass@{k}" in rs[0] else "–" for k in ks)
@@ -267,16 +267,11 @@ def report(a):
         for name in rl:
             c = curve(out, name, "eval/pass@1")
             lines.append(f"| {name} | " + " | ".join(fmt(c.get(s, [])) for s in steps) + " |")
-        ends = [n for n in rl if any((p / "eval" / ".study_done").exists() for p in seeds_of(out, n).values())]
+        ends = {n: by_t for n in rl if (by_t := eval_rows(out, n))}
         if ends:
             lines += ["", "## RL: final models at several temperatures (eval.py, 8 samples per prompt; greedy: one)", "",
                       "| run | T | pass@1 | pass@8 | maj@8 | distinct answers |", "|---|---|---|---|---|---|"]
-            for name in ends:
-                by_t = {}
-                for p in seeds_of(out, name).values():
-                    if (p / "eval" / ".study_done").exists():
-                        for r in json.loads((p / "eval" / "eval.json").read_text())["by_temperature"]:
-                            by_t.setdefault(r["temperature"], []).append(r)
+            for name, by_t in ends.items():
                 for temp, rs in sorted(by_t.items(), key=lambda kv: (kv[0] == 0, kv[0])):
                     lines.append(f"| {name} | {'greedy' if temp == 0 else temp} | {fmt([r['pass@1'] for r in rs])} | "
                                  f"{fmt([r.get('pass@8') for r in rs])} | {fmt([r.get('maj@8') for r in rs])} | "
@@ -311,7 +306,7 @@ def figures(out, colds, rl):
         fig, axes = plt.subplots(1, len(temps), figsize=(4.2 * len(temps), 3.4), sharey=True)
         for ax, temp in zip(axes, temps):
             for c in colds:
-                rs = eval_rows(out, c).get(temp)
+                rs = eval_rows(out, f"sft-{c}").get(temp)
                 if not rs:
                     continue
                 ks = sorted(int(k.split("@")[1]) for k in rs[0] if k.startswith("pass@"))
@@ -331,10 +326,10 @@ def figures(out, colds, rl):
             _band(axes[0], list(c), [mean_std(v) for v in c.values()], name)
             e = curve(out, name, "train/entropy")
             _band(axes[1], list(e), [mean_std(v) for v in e.values()], name)
-            acc, kl = curve(out, name, "eval/pass@1"), curve(out, name, "train/kl_ref")
-            common_steps = [s for s in acc if s in kl]
+            kl = curve(out, name, "train/kl_ref")
+            common_steps = [s for s in c if s in kl]
             if common_steps:
-                axes[2].plot([mean_std(kl[s])[0] for s in common_steps], [mean_std(acc[s])[0] for s in common_steps],
+                axes[2].plot([mean_std(kl[s])[0] for s in common_steps], [mean_std(c[s])[0] for s in common_steps],
                              marker="o", ms=3, label=name)
         axes[0].set(title="held-out pass@1 (mean ± std over seeds)", xlabel="step")
         axes[1].set(title="entropy", xlabel="step")
