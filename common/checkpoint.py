@@ -132,8 +132,12 @@ def _meta(path):
 def scan(run_dir):
     """[(step, folder, problem)] of every checkpoint folder under run_dir/checkpoints, oldest first: problem is
     None for a complete one, else what check() found (`.tmp`: a save that never finished)."""
+    return _scan(Path(run_dir, "checkpoints"))
+
+
+def _scan(root):
     out = []
-    for p in Path(run_dir, "checkpoints").glob("step_*"):
+    for p in Path(root).glob("step_*"):
         m = re.fullmatch(r"step_(\d+)(\.tmp)?", p.name)
         if m and p.is_dir():
             out.append((int(m.group(1)), p, "unfinished save (never renamed)" if m.group(2) else check(p)[1]))
@@ -141,9 +145,8 @@ def scan(run_dir):
 
 
 def _complete(root):
-    """[(step, path)] of the complete checkpoints under root, oldest first."""
-    named = [(int(m.group(1)), p) for p in Path(root).glob("step_*") if (m := _NAME.fullmatch(p.name))]
-    return sorted((s, p) for s, p in named if p.is_dir() and _meta(p) is not None)
+    """[(step, path)] of the complete checkpoints under root (a run's checkpoints folder), oldest first."""
+    return [(step, p) for step, p, problem in _scan(root) if problem is None]
 
 
 def latest(run_dir):
