@@ -90,11 +90,11 @@ class Engine:
         not fit wait or are recomputed). dtype: the engine's weights and KV cache, default bfloat16 on GPU and
         float32 on CPU."""
         max_model_len = context_limit(model, max_model_len, trust_remote_code)
-        self.dtype = dtype if dtype not in (None, "auto") else "bfloat16" if torch.cuda.is_available() else "float32"
+        self.on_gpu = torch.cuda.is_available()
+        self.dtype = dtype if dtype not in (None, "auto") else "bfloat16" if self.on_gpu else "float32"
         self.max_seqs = max(1, min(max_seqs or MAX_SEQS, MAX_SEQS))
         self.kv_bytes = 0
         self.backend, self.seed, self.max_model_len, self.hf_batch_size = backend, seed, max_model_len, hf_batch_size
-        self.on_gpu = torch.cuda.is_available()
         self.sleep_mode = backend == "vllm" if sleep_mode is None else sleep_mode
         self.asleep, self.weights_lost = set(), False  # released memory tags; weights discarded (level 2)
         self.last_gen_tokens = self.last_gen_seconds = self.last_tokens_per_s = self.last_truncated = 0
