@@ -14,6 +14,7 @@ Stages (in the order they run; each job is one trainer or eval.py run, exactly a
              reward (verl's example), the paper's REINFORCE loss (seq-mean-token-sum, one mini-batch), lr x2;
              and GRPO --no-std-norm (baseline = the group's mean reward instead of the greedy one)
   beta       GEM beta in {0.5, 0.85} (linear) and beta 0.7 with logsigmoid h (wd 0.01): the sweep around ours
+  beta-rl    ReMax and GRPO from the beta = 0.5 cold start (the beta stage's best pass@k), as in rl and rleval
   epochs     CE and GEM at 1 and 4 epochs (the paper: CE loses diversity as epochs grow)
   long       GRPO vs RAFT++ vs Reinforce-rej from GEM over --long-steps (early lead, entropy, accuracy vs KL)
   realism    CE and GEM with --wording-variety (answer-neutral variety in the demonstrations)
@@ -36,7 +37,7 @@ import tyro
 from common.metrics import read
 
 ROOT = Path(__file__).resolve().parent
-STAGES = ("coldstart", "rl", "rleval", "remax", "realism", "beta", "realism-rl", "epochs", "long")
+STAGES = ("coldstart", "rl", "rleval", "remax", "realism", "beta", "realism-rl", "beta-rl", "epochs", "long")
 
 # cold starts: name -> gem_sft.py flags (gem_sft's defaults otherwise: beta 0.7, linear h, wd 0.01, 2 epochs)
 COLD = {
@@ -105,6 +106,16 @@ def jobs(a):
                         f"{algo}.py", "--model", f"{a.out}/sft-{c}-s{s}/hf", "--seed", str(s), "--steps", str(steps),
                         "--eval-every", str(every), "--save-every", "0", "--log-kl-ref", *extra, *small]))
 
+    def final_evals(stage, algos, starts):  # RL final models at T = 0.7, 1, the cold start's beta and greedy
+        for s in a.seeds:
+            for algo in algos:
+                for c in starts:
+                    run = f"{algo}-from-{c}-s{s}"
+                    temps = sorted({beta_of(c), 0.7, 1.0}) + [0.0]
+                    out.append((stage, f"{run}/eval", ["eval.py", "--model", f"{a.out}/{run}/hf", "--seed", str(s),
+                                                       "--k", "8", "--temperature", *map(str, temps),
+                                                       "--samples", "0", *small]))
+
     steps, every = (2, 1) if a.quick else (a.rl_steps, a.rl_eval_every)
     for stage in a.stages:
         if stage == "coldstart":
@@ -112,13 +123,7 @@ def jobs(a):
         elif stage == "rl":
             rl(stage, ["remax", "grpo"], ["gem", "ce"], steps, every)
         elif stage == "rleval":  # the rl stage's final models, like with like: T = 0.7, 1 and greedy
-            for s in a.seeds:
-                for algo in ["remax", "grpo"]:
-                    for c in ["gem", "ce"]:
-                        run = f"{algo}-from-{c}-s{s}"
-                        out.append((stage, f"{run}/eval", ["eval.py", "--model", f"{a.out}/{run}/hf", "--seed", str(s),
-                                                           "--k", "8", "--temperature", "0.7", "1.0", "0.0",
-                                                           "--samples", "0", *small]))
+            final_evals(stage, ["remax", "grpo"], ["gem", "ce"])
         elif stage == "remax":
             for v, flags in REMAX_VARIANTS.items():
                 rl(stage, ["remax"], ["gem"], steps, every, flags, tag=f"-{v}")
@@ -127,6 +132,9 @@ def jobs(a):
             rl(stage, ["grpo"], ["gem"], steps, every, ["--no-std-norm"], tag="-nostd")
         elif stage == "beta":
             cold(stage, ["gem-b0.5", "gem-b0.85", "gem-logsig"])
+        elif stage == "beta-rl":
+            rl(stage, ["remax", "grpo"], ["gem-b0.5"], steps, every)
+            final_evals(stage, ["remax", "grpo"], ["gem-b0.5"])
         elif stage == "epochs":
             cold(stage, ["ce-e1", "gem-e1", "ce-e4", "gem-e4"])
         elif stage == "long":
@@ -319,27 +327,34 @@ def figures(out, colds, rl):
         fig.tight_layout()
         fig.savefig(out / "passk.png", dpi=110)
         plt.close(fig)
-    if rl:  # RL curves with ± std bands, and accuracy against KL to pi_ref
-        fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-        for name in rl:
-            c = curve(out, name, "eval/pass@1")
-            _band(axes[0], list(c), [mean_std(v) for v in c.values()], name)
-            e = curve(out, name, "train/entropy")
-            _band(axes[1], list(e), [mean_std(v) for v in e.values()], name)
-            kl = curve(out, name, "train/kl_ref")
-            common_steps = [s for s in c if s in kl]
-            if common_steps:
-                axes[2].plot([mean_std(kl[s])[0] for s in common_steps], [mean_std(c[s])[0] for s in common_steps],
-                             marker="o", ms=3, label=name)
-        axes[0].set(title="held-out pass@1 (mean ± std over seeds)", xlabel="step")
-        axes[1].set(title="entropy", xlabel="step")
-        axes[2].set(title="pass@1 against KL to π_ref (eval steps)", xlabel="KL(π‖π_ref) per token")
-        for ax in axes:
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / "rl_curves.png", dpi=110)
-        plt.close(fig)
+    long = [n for n in rl if "-long-" in n]  # the long stage gets a figure of its own (other steps, other question)
+    for names, path in ((sorted(set(rl) - set(long)), "rl_curves.png"), (long, "long_curves.png")):
+        if names:
+            _rl_figure(plt, out, names, path)
+
+
+def _rl_figure(plt, out, rl, path):
+    """RL curves with ± std bands, entropy, and accuracy against KL to pi_ref, for the settings `rl`."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for name in rl:
+        c = curve(out, name, "eval/pass@1")
+        _band(axes[0], list(c), [mean_std(v) for v in c.values()], name)
+        e = curve(out, name, "train/entropy")
+        _band(axes[1], list(e), [mean_std(v) for v in e.values()], name)
+        kl = curve(out, name, "train/kl_ref")
+        common_steps = [s for s in c if s in kl]
+        if common_steps:
+            axes[2].plot([mean_std(kl[s])[0] for s in common_steps], [mean_std(c[s])[0] for s in common_steps],
+                         marker="o", ms=3, label=name)
+    axes[0].set(title="held-out pass@1 (mean ± std over seeds)", xlabel="step")
+    axes[1].set(title="entropy", xlabel="step")
+    axes[2].set(title="pass@1 against KL to π_ref (eval steps)", xlabel="KL(π‖π_ref) per token")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / path, dpi=110)
+    plt.close(fig)
 
 
 def _band(ax, xs, ms, label):

@@ -211,6 +211,7 @@ def prepare_run(run_dir, args, name="trainer"):
     - --resume compares the flags with the run's newest args*.json: a change of a flag in APPLIED is applied and
       logged, any other is refused unless --resume-override (then applied and logged). args.json stays the
       run's first flags; each resume writes its own beside it, args.resume<k>.json."""
+    from common.config import InputError  # a refusal is one `error:` line, exit 2 (every rank decides the same)
     run_dir, rank = Path(run_dir), _rank_world()[0]
     say = (lambda msg: print(f"[{name}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
     found, metrics = scan(run_dir), run_dir / "metrics.jsonl"
@@ -218,15 +219,15 @@ def prepare_run(run_dir, args, name="trainer"):
     held = ([f"metrics.jsonl with {rows} rows"] if rows else []) + [p.name for _, p, _ in found]
     ckpt, files, note = None, _args_files(run_dir), None
     if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: continue the run in --out-dir, or replace it")
+        raise InputError("--resume and --overwrite exclude each other: continue the run in --out-dir, or replace it")
     if not args.resume and held and not args.overwrite:
-        raise FileExistsError(f"{run_dir} already holds a run ({', '.join(held)}): pass --resume to continue it, "
+        raise InputError(f"{run_dir} already holds a run ({', '.join(held)}): pass --resume to continue it, "
                               f"--overwrite to replace it, or choose another --out-dir")
     if args.resume:
         good = [p for _, p, problem in found if problem is None]
         if not good:
             what = "; ".join(f"{p.name}: {problem}" for _, p, problem in found) or "no checkpoint folder"
-            raise FileNotFoundError(f"--resume: no usable checkpoint in {run_dir / 'checkpoints'} ({what}). Nothing "
+            raise InputError(f"--resume: no usable checkpoint in {run_dir / 'checkpoints'} ({what}). Nothing "
                                     f"in {run_dir} was changed; to start over pass --overwrite instead of --resume")
         ckpt = good[-1]
         for _, p, problem in found:
@@ -237,7 +238,7 @@ def prepare_run(run_dir, args, name="trainer"):
         changed = [(k, old[k], v) for k, v in new.items() if old and k in old and k not in NOT_COMPARED and old[k] != v]
         refused = [c for c in changed if c[0] not in APPLIED]
         if refused and not args.resume_override:
-            raise ValueError(f"--resume: {', '.join(f'{_flag(k)} {a} -> {b}' for k, a, b in refused)} would change the "
+            raise InputError(f"--resume: {', '.join(f'{_flag(k)} {a} -> {b}' for k, a, b in refused)} would change the "
                              f"math or the data order of the run in {run_dir} (its flags: {files[-1]}); resume with "
                              f"its values, or pass --resume-override to apply the change anyway (the run then no "
                              f"longer equals an uninterrupted one)")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from common import checkpoint
-from common.config import RunArgs
+from common.config import InputError, RunArgs
 from common.metrics import Logger
 from tests.test_trainers import RL, ROOT, TASK, _cmd, _kill_job, _metrics
 
@@ -78,25 +78,25 @@ def test_resume_without_usable_checkpoint_changes_nothing(tmp_path):
     _cut(tmp_path / "checkpoints" / "step_000004")
     (tmp_path / "checkpoints" / "step_000006.tmp").mkdir()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    with pytest.raises(FileNotFoundError, match=rf"no usable checkpoint in {tmp_path / 'checkpoints'} "
+    with pytest.raises(InputError, match=rf"no usable checkpoint in {tmp_path / 'checkpoints'} "
                        r"\(step_000002: no meta.json .*; step_000004: __0_0.distcp is \d+ bytes.*; "
                        r"step_000006.tmp: unfinished save"):
         checkpoint.prepare_run(tmp_path, Args(resume=True))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
-    with pytest.raises(FileNotFoundError, match="no usable checkpoint .*no checkpoint folder"):
+    with pytest.raises(InputError, match="no usable checkpoint .*no checkpoint folder"):
         checkpoint.prepare_run(tmp_path / "empty", Args(resume=True))
 
 
 def test_new_run_refuses_a_folder_that_holds_one(tmp_path, capsys):
     _new_run(tmp_path)
     before = (tmp_path / "metrics.jsonl").read_bytes()
-    with pytest.raises(FileExistsError, match=rf"{tmp_path} already holds a run \(metrics.jsonl with 3 rows, "
+    with pytest.raises(InputError, match=rf"{tmp_path} already holds a run \(metrics.jsonl with 3 rows, "
                        r"step_000002, step_000004\): pass --resume .* --overwrite"):
         checkpoint.prepare_run(tmp_path, Args())
     with pytest.raises(FileExistsError, match="already has 3 rows"):
         Logger(tmp_path, 6)  # the logger refuses too: it never truncates
     assert (tmp_path / "metrics.jsonl").read_bytes() == before
-    with pytest.raises(ValueError, match="exclude each other"):
+    with pytest.raises(InputError, match="exclude each other"):
         checkpoint.prepare_run(tmp_path, Args(resume=True, overwrite=True))
     assert checkpoint.prepare_run(tmp_path, Args(overwrite=True, lr=1.0)) is None
     prev = list(tmp_path.glob("previous-*"))
@@ -110,7 +110,7 @@ def test_new_run_refuses_a_folder_that_holds_one(tmp_path, capsys):
 def test_changed_flags_on_resume(tmp_path, capsys):
     _new_run(tmp_path)
     original = (tmp_path / "args.json").read_text()
-    with pytest.raises(ValueError, match=r"--resume: --n-samples 4 -> 2 would change the math or the data order "
+    with pytest.raises(InputError, match=r"--resume: --n-samples 4 -> 2 would change the math or the data order "
                        rf"of the run in {tmp_path} \(its flags: {tmp_path / 'args.json'}\).*--resume-override"):
         checkpoint.prepare_run(tmp_path, Args(resume=True, n_samples=2, lr=1e-3))
     assert not list(tmp_path.glob("args.resume*"))
@@ -194,6 +194,7 @@ def _refused(script, out, args, log):
     """A launch that must stop before any work and leave the run folder as it was."""
     before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
     rc, text = _finish(_launch(script, out, args, log), log)
+    _one_error_line(text, "")  # one `error:` line, exit code 2, no rank's traceback
     assert rc != 0 and {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before, text[-3000:]
     return text
 

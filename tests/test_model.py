@@ -73,3 +73,34 @@ def test_resolve_missing_local_folder_is_one_clear_line(tmp_path, monkeypatch):
     assert M.resolve("runs/gem_sft-gem/hf") == "runs/gem_sft-gem/hf"  # an existing folder passes through
     assert M.resolve("Qwen/Qwen2.5-Math-1.5B") == "Qwen/Qwen2.5-Math-1.5B"  # hub ids are not checked here
     assert M.resolve("gpt2") == "gpt2"
+
+
+def test_tied_embedding_gradient_sparse_lookup_equals_dense(tmp_path):
+    """WithHead makes a tied embedding's lookup gradient sparse (memory); the parameter's gradient must be the
+    same dense tensor as with a dense lookup: head term (all rows) + lookup term (the batch's rows)."""
+    lm, tok = M.load(str(M.build_tiny(tmp_path / "tiny", seed=5)))
+    rows = data.builtin_task(3, seed=1)
+    seqs = [(tok(r["question"] + "\n").input_ids + tok(r["response"]).input_ids, len(r["question"]) + 1) for r in rows]
+    ids, attn, targets = data.collate(seqs, tok.pad_token_id)
+    # reference, written out: a plain dense forward through the HF model
+    logits = lm(input_ids=ids, attention_mask=attn).logits.float()
+    mask = targets != -100
+    (-(logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * mask).sum()).backward()
+    ref = lm.get_input_embeddings().weight.grad.clone()
+    lm.zero_grad(set_to_none=True)
+    assert not lm.get_input_embeddings().sparse
+    policy = M.WithHead(lm)
+    assert lm.get_input_embeddings().sparse  # tied: the lookup's term is sparse
+    logp, _ = policy(ids, attn, M.logprob_head(targets))
+    (-logp.sum()).backward()
+    g = lm.get_input_embeddings().weight.grad
+    assert g.layout == torch.strided and not g.is_sparse  # one dense gradient for the optimizer and FSDP
+    used = torch.zeros(len(g), dtype=torch.bool)
+    used[ids.flatten()] = True
+    assert torch.allclose(g, ref, atol=1e-5) and (g[used] != 0).any()
+    # a plausible wrong variant: the lookup's term dropped (only the head's gradient) is far from it
+    lm.zero_grad(set_to_none=True)
+    h = M.hidden_states(lm, ids, attn).detach()
+    logp2, _ = M.logprob_head(targets)(h, M.head_weight(lm))
+    (-logp2.sum()).backward()
+    assert not torch.allclose(lm.get_input_embeddings().weight.grad, ref, atol=1e-3)
