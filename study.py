@@ -13,7 +13,8 @@ Stages (in the order they run; each job is one trainer or eval.py run, exactly a
   remax      why ReMax stalls: the same ReMax from GEM with top-p 0.9, training temperature 0.7, k1 KL in the
              reward (verl's example), the paper's REINFORCE loss (seq-mean-token-sum, one mini-batch), lr x2;
              and GRPO --no-std-norm (baseline = the group's mean reward instead of the greedy one)
-  beta       GEM beta in {0.5, 0.85} (linear) and beta 0.7 with logsigmoid h (wd 0.01): the sweep around ours
+  beta       GEM beta in {0.5, 0.85} x h in {linear, logsigmoid} and beta 0.7 with logsigmoid h (wd 0.01): the grid
+             around ours (beta 1.0 with linear h has CE's gradient: the coldstart stage's `ce`)
   beta-rl    ReMax and GRPO from the beta = 0.5 cold start (the beta stage's best pass@k), as in rl and rleval
   epochs     CE and GEM at 1 and 4 epochs (the paper: CE loses diversity as epochs grow)
   long       GRPO vs RAFT++ vs Reinforce-rej from GEM over --long-steps (early lead, entropy, accuracy vs KL)
@@ -47,6 +48,8 @@ COLD = {
     "gem-b0.5": ["--loss", "gem", "--gem-beta", "0.5"],
     "gem-b0.85": ["--loss", "gem", "--gem-beta", "0.85"],
     "gem-logsig": ["--loss", "gem", "--gem-h", "logsigmoid"],
+    "gem-b0.5-logsig": ["--loss", "gem", "--gem-beta", "0.5", "--gem-h", "logsigmoid"],
+    "gem-b0.85-logsig": ["--loss", "gem", "--gem-beta", "0.85", "--gem-h", "logsigmoid"],
     "ce-e1": ["--loss", "ce", "--epochs", "1"], "gem-e1": ["--loss", "gem", "--epochs", "1"],
     "ce-e4": ["--loss", "ce", "--epochs", "4"], "gem-e4": ["--loss", "gem", "--epochs", "4"],
     "ce-var": ["--loss", "ce", "--wording-variety"], "gem-var": ["--loss", "gem", "--wording-variety"],
@@ -131,7 +134,7 @@ def jobs(a):
             # (Dr. GRPO: A = r - mean(r), no std) instead of ReMax's greedy reward
             rl(stage, ["grpo"], ["gem"], steps, every, ["--no-std-norm"], tag="-nostd")
         elif stage == "beta":
-            cold(stage, ["gem-b0.5", "gem-b0.85", "gem-logsig"])
+            cold(stage, ["gem-b0.5", "gem-b0.85", "gem-logsig", "gem-b0.5-logsig", "gem-b0.85-logsig"])
         elif stage == "beta-rl":
             rl(stage, ["remax", "grpo"], ["gem-b0.5"], steps, every)
             final_evals(stage, ["remax", "grpo"], ["gem-b0.5"])
