@@ -94,12 +94,13 @@ def jobs(a):
             for c in names:
                 out.append((stage, f"sft-{c}-s{s}", ["gem_sft.py", *COLD[c], "--seed", str(s), "--eval-k", "0",
                                                      *sft_small, *small]))
-                temps = sorted({beta_of(c), 0.7, 1.0}) + [0.0]
-                out.append((stage, f"sft-{c}-s{s}/eval", ["eval.py", "--model", f"{a.out}/sft-{c}-s{s}/hf",
-                                                          "--seed", str(s), "--k", str(a.eval_k), "--ks",
-                                                          *[str(2 ** i) for i in range(int(math.log2(a.eval_k)) + 1)],
-                                                          "--temperature", *map(str, temps), "--samples", "0",
-                                                          *small]))
+                evaluate(stage, f"sft-{c}-s{s}", s, c, a.eval_k,
+                         ["--ks", *[str(2 ** i) for i in range(int(math.log2(a.eval_k)) + 1)]])
+
+    def evaluate(stage, run, s, c, k, extra=()):  # eval.py on <run>/hf at T = 0.7, 1, cold start c's beta and greedy
+        temps = sorted({beta_of(c), 0.7, 1.0}) + [0.0]
+        out.append((stage, f"{run}/eval", ["eval.py", "--model", f"{a.out}/{run}/hf", "--seed", str(s), "--k", str(k),
+                                           *extra, "--temperature", *map(str, temps), "--samples", "0", *small]))
 
     def rl(stage, algos, starts, steps, every, extra=(), tag=""):
         for s in a.seeds:
@@ -109,15 +110,11 @@ def jobs(a):
                         f"{algo}.py", "--model", f"{a.out}/sft-{c}-s{s}/hf", "--seed", str(s), "--steps", str(steps),
                         "--eval-every", str(every), "--save-every", "0", "--log-kl-ref", *extra, *small]))
 
-    def final_evals(stage, algos, starts):  # RL final models at T = 0.7, 1, the cold start's beta and greedy
+    def final_evals(stage, algos, starts):  # RL final models, 8 samples per prompt
         for s in a.seeds:
             for algo in algos:
                 for c in starts:
-                    run = f"{algo}-from-{c}-s{s}"
-                    temps = sorted({beta_of(c), 0.7, 1.0}) + [0.0]
-                    out.append((stage, f"{run}/eval", ["eval.py", "--model", f"{a.out}/{run}/hf", "--seed", str(s),
-                                                       "--k", "8", "--temperature", *map(str, temps),
-                                                       "--samples", "0", *small]))
+                    evaluate(stage, f"{algo}-from-{c}-s{s}", s, c, 8)
 
     steps, every = (2, 1) if a.quick else (a.rl_steps, a.rl_eval_every)
     for stage in a.stages:

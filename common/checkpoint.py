@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.config import InputError  # refusals are one `error:` line, exit 2 (every rank decides the same)
+
 META = "meta.json"
 _NAME = re.compile(r"step_(\d+)")
 
@@ -211,7 +213,6 @@ def prepare_run(run_dir, args, name="trainer"):
     - --resume compares the flags with the run's newest args*.json: a change of a flag in APPLIED is applied and
       logged, any other is refused unless --resume-override (then applied and logged). args.json stays the
       run's first flags; each resume writes its own beside it, args.resume<k>.json."""
-    from common.config import InputError  # a refusal is one `error:` line, exit 2 (every rank decides the same)
     run_dir, rank = Path(run_dir), _rank_world()[0]
     say = (lambda msg: print(f"[{name}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
     found, metrics = scan(run_dir), run_dir / "metrics.jsonl"
@@ -222,13 +223,13 @@ def prepare_run(run_dir, args, name="trainer"):
         raise InputError("--resume and --overwrite exclude each other: continue the run in --out-dir, or replace it")
     if not args.resume and held and not args.overwrite:
         raise InputError(f"{run_dir} already holds a run ({', '.join(held)}): pass --resume to continue it, "
-                              f"--overwrite to replace it, or choose another --out-dir")
+                         f"--overwrite to replace it, or choose another --out-dir")
     if args.resume:
         good = [p for _, p, problem in found if problem is None]
         if not good:
             what = "; ".join(f"{p.name}: {problem}" for _, p, problem in found) or "no checkpoint folder"
             raise InputError(f"--resume: no usable checkpoint in {run_dir / 'checkpoints'} ({what}). Nothing "
-                                    f"in {run_dir} was changed; to start over pass --overwrite instead of --resume")
+                             f"in {run_dir} was changed; to start over pass --overwrite instead of --resume")
         ckpt = good[-1]
         for _, p, problem in found:
             if problem:
@@ -364,7 +365,6 @@ def resumed_ref(state, ref):
     if ref is None:
         return None
     if "ref" not in state["extra"]:
-        from common.config import InputError
         raise InputError("--resume: this run needs pi_ref (--kl-coef > 0 or --log-kl-ref) but its checkpoints were "
                          "saved without it (the run started with --kl-coef 0 and without --log-kl-ref); start a new "
                          "run from its exported weights instead")
