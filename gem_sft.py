@@ -20,7 +20,7 @@ import torch
 from common import checkpoint, config, data, dist, model as M
 from common.config import RunArgs
 from common.evaluate import evaluate
-from common.kernels import token_logprobs
+from common.kernels import token_gem, token_logprobs
 from common.metrics import Logger
 from common.rollout import Engine, context_limit
 
@@ -53,7 +53,8 @@ class Args(RunArgs):  # + the run, data, evaluation and checkpoint flags of comm
 
 
 def gem_loss(logits, targets, beta, h="linear"):
-    """Per-token GEM loss sum_v q_v w_v (log p_v - log p_y); logits [n, V] fp32, targets [n]."""
+    """Per-token GEM loss sum_v q_v w_v (log p_v - log p_y); logits [n, V] fp32, targets [n]. The definition: the
+    trainer computes the same loss and gradient without the [n, V] logits (kernels.token_gem; tests hold them equal)."""
     logp = logits.log_softmax(-1)
     logp_y = logp.gather(-1, targets[:, None])
     with torch.no_grad():  # q and w are weights, not functions of the parameters
@@ -90,9 +91,10 @@ def main(args: Args):
                 f"held-out rows, world {d.world}, device {d.device}, loss {args.loss}")
     ckpt = checkpoint.prepare_run(out, args, "gem_sft")  # refuses a run folder/flags that would lose or mix up a run
 
-    policy = dist.wrap_fsdp(M.WithHead(lm), M.decoder_layers(lm), d.device)
+    policy = dist.wrap_fsdp(M.WithHead(lm), M.decoder_layers(lm), d.device, vocab_parallel=args.vocab_parallel)
+    # fused: one in-place kernel, no temporaries the size of a parameter (0.5 GiB for a 0.5B model's embedding)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, args.adam_beta2), eps=args.adam_eps,
-                            weight_decay=args.weight_decay)
+                            weight_decay=args.weight_decay, fused=True)
     steps_per_epoch = len(train) // args.batch_size
     total = args.max_steps or args.epochs * steps_per_epoch
     stop, guard = checkpoint.StopFlag(), checkpoint.BadStepGuard(args.max_bad_steps, out)
@@ -113,15 +115,15 @@ def main(args: Args):
         for i in range(0, len(mine), args.micro_batch_size):
             ids, mask, targets = data.collate(mine[i:i + args.micro_batch_size], tok.pad_token_id, d.device)
 
-            def head(hidden, weight):
+            def head(hidden, weight):  # fused kernels: never build the [tokens x vocab] logits
                 sel = targets != -100
-                if args.loss == "ce":  # fused kernel: never builds the [tokens x vocab] logits
+                if args.loss == "ce":
                     logp, ent = token_logprobs(hidden[sel], weight, targets[sel])
                     return -logp.sum(), -logp.detach().sum(), ent.detach().sum()
-                logits = hidden[sel].float() @ weight.float().T
-                loss, ce = gem_loss(logits, targets[sel], args.gem_beta, args.gem_h)
-                ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
-                return loss.sum(), ce.detach().sum(), ent.detach().sum()
+                # --- algorithm --- gem_loss (above) on the [tokens x vocab] logits, computed vocabulary tile by tile
+                loss, ce, ent = token_gem(hidden[sel], weight, targets[sel], args.gem_beta, args.gem_h)
+                # --- end algorithm ---
+                return loss.sum(), ce.sum(), ent.sum()
 
             loss_sum, ce_sum, ent_sum = policy(ids, mask, head)
             if step + 1 in args.inject_nan:

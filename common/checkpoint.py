@@ -165,7 +165,7 @@ def latest(run_dir):
 APPLIED = {"lr", "steps", "max_steps", "epochs", "warmup_steps", "warmup_frac", "schedule", "weight_decay",
            "adam_beta2", "adam_eps", "grad_clip", "eval_every", "eval_k", "eval_temperature", "log_every",
            "save_every", "keep_last", "export_every_save", "track", "max_bad_steps", "inject_nan",
-           "micro_batch_size", "gpu_memory_utilization", "trust_remote_code"}
+           "micro_batch_size", "gpu_memory_utilization", "trust_remote_code", "vocab_parallel"}
 NOT_COMPARED = {"resume", "resume_override", "overwrite", "out_dir"}
 
 

@@ -30,6 +30,7 @@ class RunArgs:
     eval_temperature: float = 1.0        # held-out sampling temperature
     rollout: Literal["vllm", "hf"] = "vllm"  # generation backend (hf: plain transformers, slower)
     gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory (colocated with the trainer)
+    vocab_parallel: bool = True          # 2+ ranks, tied embedding: each rank keeps its vocabulary rows, never gathered (memory; same math)
     engine_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # vLLM's weights and KV cache (auto: bf16 on GPU, fp32 on CPU)
     track: Literal["none", "wandb", "tensorboard"] = "none"  # extra metrics sink besides metrics.jsonl
     trust_remote_code: bool = False      # allow model code from the hub (off: safer)

@@ -84,23 +84,31 @@ def print0(*a, **kw):
 RESHARD_CPU_PARAMS = 50_000_000  # on CPU, models from this many parameters reshard after forward (memory)
 
 
-def wrap_fsdp(model, layers, device, bf16=None):
+def wrap_fsdp(model, layers, device, bf16=None, vocab_parallel=True):
     """FSDP2: `fully_shard` every decoder layer, then the root. bf16 params with fp32 gradient
     reduction on GPU (mixed precision), plain fp32 on CPU. On GPU parameters are resharded after
     forward (memory). On CPU small models keep them gathered until backward (gloo collectives are
     latency-bound, and a gathered copy of a small model costs little); from RESHARD_CPU_PARAMS
     parameters they are resharded too: kept gathered, a 0.5B model's layers held a whole second copy
-    of the weights (2 GB per rank) through every forward and backward."""
+    of the weights (2 GB per rank) through every forward and backward.
+    vocab_parallel: on more than one rank, a tied embedding/head keeps only this rank's vocabulary rows and is
+    never gathered (common/vocab_parallel.py; FSDP ignores it); False: FSDP gathers it whole like the rest."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from common.vocab_parallel import shard_tied_embedding
     bf16 = device.type == "cuda" if bf16 is None else bf16
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     model.to(device)
     reshard = device.type == "cuda" or sum(p.numel() for p in model.parameters()) >= RESHARD_CPU_PARAMS
     if reshard and device.type == "cpu":
         mmap_large_allocations()
+    mesh = init_device_mesh(device.type, (dist.get_world_size() if dist.is_initialized() else 1,))
+    lm = getattr(model, "lm", model)
+    vocab = shard_tied_embedding(lm, mesh, mp.param_dtype) if vocab_parallel and mesh.size() > 1 else None
     for layer in layers:
-        fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard,
+                ignored_params=None if vocab is None else {vocab})
     return model
 
 

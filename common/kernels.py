@@ -17,11 +17,20 @@ the tiles only handle the dense -p * (...) part. Then dhidden = dz @ W / T and d
 Implementations: "chunked" (pure torch, CPU or GPU: [rows x cols] logit tiles, fp32 math) and "triton"
 (CUDA, or the interpreter with TRITON_INTERPRET=1). impl="auto" picks triton for CUDA tensors, chunked
 otherwise; the env var RL_LOGPROB_IMPL=chunked|triton overrides "auto".
+
+A vocabulary-parallel weight (common/vocab_parallel.py: this rank's rows of a tied embedding) works the same way:
+every rank's rows of hidden are gathered, the statistics above are computed over this rank's vocabulary rows and
+merged across ranks exactly as across tiles (a rank's (lse_r, H_r) is the tile m = lse_r, s = 1, u = -H_r), and
+the backward reduce-scatters dhidden and adds dW into the parameter's .grad in place.
+
+`token_gem` is GEM's loss (gem_sft.py) fused the same way.
 """
 import functools
 import os
 
 import torch
+
+from common.vocab_parallel import local_rows, shard_of
 
 # chunked tile: 8 MB of fp32 logits, so the elementwise work on it stays in L3 (two reused tile buffers). On
 # the 2-core dev box (bench/logprob.py) the run is ~95% matmul time, and 1024..8192 columns time the same.
@@ -47,15 +56,18 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=True, 
         raise ValueError(f"impl must be auto, triton or chunked, got {impl!r}")
     # tiles are kept for a backward only if there will be one (not under no_grad: old policy, reference)
     keep = CHUNK_CACHE_BYTES if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad) else 0
-    logp, ent = _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                     float(temperature), with_entropy, ignore_index, impl, keep)
+    logp, ent = _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), local_rows(weight), targets.reshape(-1),
+                                     float(temperature), with_entropy, ignore_index, impl, keep, shard_of(weight))
     return logp.view(targets.shape), ent.view(targets.shape) if with_entropy else None
 
 
 class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, h, w, y, temperature, with_entropy, ignore_index, impl, cache_bytes):
+    def forward(ctx, h, w, y, temperature, with_entropy, ignore_index, impl, cache_bytes, shard):
+        n, m = len(y), None
+        if shard is not None:  # every rank's tokens, scored against this rank's vocabulary rows
+            (h, m), (y, _) = shard.gather(h, 0.0), shard.gather(y, ignore_index)
         idx = (y != ignore_index).nonzero().squeeze(1)  # only the scored rows are computed
         hv, yv, inv_t = _rows(h, idx), _rows(y, idx), 1.0 / temperature
         logp, ent = h.new_zeros(len(y), dtype=torch.float32), h.new_zeros(len(y), dtype=torch.float32)
@@ -66,13 +78,21 @@ class _TokenLogprobs(torch.autograd.Function):
             else:
                 stats, ctx.tiles = _chunked_stats(hv, w, inv_t, with_entropy, cache_bytes)
             lse, entv = _merge(*stats)
-            zy = torch.linalg.vecdot(hv.float(), w.index_select(0, yv).float()) * inv_t  # target logits
+            own, rows = _owned(yv, shard)
+            zy = hv.new_zeros(len(idx), dtype=torch.float32)  # target logits (the owner's; the others add 0)
+            zy[own] = torch.linalg.vecdot(hv[own].float(), w.index_select(0, rows[own]).float()) * inv_t
+            if shard is not None:  # each rank's (lse_r, H_r) is one tile of the whole vocabulary
+                shard.all_reduce(zy)
+                lse, entv = _merge(shard.all_gather(lse), torch.ones_like(lse),
+                                   -shard.all_gather(entv) if with_entropy else None)
             logp[idx] = zy - lse
             if with_entropy:
                 ent[idx] = entv
         ctx.save_for_backward(h, w, idx, yv, lse, entv)
-        ctx.inv_t, ctx.impl = inv_t, impl
+        ctx.inv_t, ctx.impl, ctx.shard, ctx.m, ctx.n, ctx.with_entropy = inv_t, impl, shard, m, n, with_entropy
         ctx.set_materialize_grads(False)
+        if shard is not None:
+            logp, ent = shard.mine(logp, m, n).clone(), shard.mine(ent, m, n).clone()
         if not with_entropy:
             ctx.mark_non_differentiable(ent)
         return logp, ent
@@ -81,24 +101,45 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         h, w, idx, yv, lse, ent = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[:2]
-        if not len(idx) or (g_logp is None and g_ent is None):  # nothing to back-propagate: zero grads
-            return torch.zeros_like(h) if need_dh else None, torch.zeros_like(w) if need_dw else None, *[None] * 6
+        shard, none = ctx.shard, [None] * 7
+        if not len(idx) or (shard is None and g_logp is None and g_ent is None):  # nothing to back-propagate
+            if shard is not None:
+                return (torch.zeros(ctx.n, h.shape[1], dtype=h.dtype, device=h.device) if need_dh else None), None, *none
+            return torch.zeros_like(h) if need_dh else None, torch.zeros_like(w) if need_dw else None, *none
+        if shard is not None:  # every rank's upstream gradients (a rank's None is zeros: the same collectives)
+            g_logp = shard.gather(g_logp if g_logp is not None else h.new_zeros(ctx.n), 0.0)[0]
+            g_ent = shard.gather(g_ent if g_ent is not None else h.new_zeros(ctx.n), 0.0)[0] \
+                if ctx.with_entropy else None
         inv_t, hv = ctx.inv_t, _rows(h, idx)
         a = _rows(g_logp, idx).float() if g_logp is not None else lse.new_zeros(len(idx))
         b = _rows(g_ent, idx).float() if g_ent is not None and ent is not None else None
+        # dE_r sums every rank's tokens; FSDP averages the other gradients over ranks: a/W, b/W (dh is scaled back)
+        scale = 1.0 / shard.world if shard is not None else 1.0
+        a, b = a * scale, (b * scale if b is not None else None)
+        dw_out = shard.grad_buffer() if shard is not None and need_dw else None
         # dense part: dz = -p (a + b (log p + H))
         if ctx.impl == "triton":
-            dhv, dw = _triton_grads(hv, w, inv_t, lse, ent, a, b, need_dh, need_dw)
+            dhv, dw = _triton_grads(hv, w, inv_t, lse, ent, a, b, need_dh, need_dw, dw_out)
         else:
-            dhv, dw = _chunked_grads(hv, w, inv_t, lse, ent, a, b, need_dh, need_dw, ctx.tiles)  # empties ctx.tiles
+            dhv, dw = _chunked_grads(hv, w, inv_t, lse, ent, a, b, need_dh, need_dw, ctx.tiles, dw_out)  # empties ctx.tiles
+        own, rows = _owned(yv, shard)
         dh = None
         if need_dh:  # + sparse part a e_y:  dh += a W[y] / T
-            dhv += a[:, None] * w.index_select(0, yv).float() * inv_t
+            dhv[own] += a[own, None] * w.index_select(0, rows[own]).float() * inv_t
+            dhv = dhv / scale if shard is not None else dhv
             dh = dhv.to(h.dtype) if len(idx) == len(h) else torch.zeros_like(h).index_copy_(0, idx, dhv.to(h.dtype))
+            if shard is not None:  # the sum over every rank's vocabulary rows, this rank's tokens
+                dh = shard.reduce_scatter(dh, ctx.m, ctx.n)
         if need_dw:  # dW[y] += a h / T
-            dw.index_add_(0, yv, (a[:, None] * hv.float() * inv_t).to(dw.dtype))
-            dw = dw.to(w.dtype)
-        return dh, dw, None, None, None, None, None, None
+            dw.index_add_(0, rows[own], (a[own, None] * hv[own].float() * inv_t).to(dw.dtype))
+            dw = dw.to(w.dtype) if shard is None else None  # vocabulary-parallel: already in the parameter's .grad
+        return dh, dw, *none
+
+
+def _owned(y, shard):
+    """(index of the targets whose row this rank holds, their row numbers in w): all of them (a slice, no copy)
+    without a shard."""
+    return (slice(None), y) if shard is None else shard.owned(y)
 
 
 def _rows(x, idx):
@@ -141,17 +182,18 @@ def _chunked_stats(h, w, inv_t, with_entropy, cache_bytes=0):
     return (out[0], out[1], out[2] if with_entropy else None), tiles
 
 
-def _chunked_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw, tiles):
+def _chunked_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw, tiles, dw_out=None):
     """Dense part of dz tile by tile; dh = dz @ W / T into an fp32 buffer, dW = dz^T @ h / T. Rows are the
     inner loop, so each dW tile is complete (and cast to w's dtype) before moving on to the next. A tile the
     forward kept (z - m, m) is used in place of the matmul, with lse and c shifted by m, and popped from
-    `tiles` (freed after use; a second backward with retain_graph recomputes)."""
+    `tiles` (freed after use; a second backward with retain_graph recomputes). dw_out (fp32, w's shape): add dW
+    into it instead of returning a new tensor."""
     hs, rows, cols = h.float() * inv_t, CHUNK_ROWS, CHUNK_COLS
     N, (V, D) = len(h), w.shape
     dh = torch.zeros(N, D, device=h.device) if need_dh else None
-    dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_dw else None
+    dw = dw_out if dw_out is not None else torch.empty_like(w, memory_format=torch.contiguous_format) if need_dw else None
     zbuf, pbuf = (torch.empty(min(rows, N) * min(cols, V), device=h.device) for _ in "zp")
-    accbuf = torch.empty(min(cols, V), D, device=w.device) if need_dw and w.dtype != torch.float32 else None
+    accbuf = torch.empty(min(cols, V), D, device=w.device) if need_dw and dw.dtype != torch.float32 else None
     # dz = -p (a + b (log p + H)) = p (c - b z) with c = b lse - a - b H, since log p = z - lse
     c = b * (lse - ent) - a if b is not None else -a
     for v0 in range(0, V, cols):
@@ -170,7 +212,7 @@ def _chunked_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw, tiles):
             if need_dh:
                 dh[r].addmm_(dz, wv)
             if need_dw:
-                acc.addmm_(dz.T, hs[r], beta=float(i > 0))  # beta=0 on the first row chunk: acc is uninitialised
+                acc.addmm_(dz.T, hs[r], beta=float(i > 0 or dw_out is not None))  # first row chunk: acc is uninitialised
         if accbuf is not None:
             dw[v0:v0 + cols] = acc
     if need_dh:
@@ -180,6 +222,129 @@ def _chunked_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw, tiles):
 
 def _tile(buf, n, m):
     return buf[:n * m].view(n, m)  # a contiguous [n, m] view of a flat buffer
+
+
+# ----------------------------------------------------------------------------- GEM
+
+def token_gem(hidden, weight, targets, beta, h="linear", ignore_index=-100):
+    """GEM's per-token loss (gem_sft.py), fused with the lm_head like token_logprobs: no [N, V] logits.
+
+    hidden [N, D], weight [V, D] (plain or vocabulary-parallel), targets [N] -> (loss, ce, entropy), each [N] fp32,
+    0 where targets == ignore_index; only loss is differentiable. With z = hidden @ weight.T, p = softmax(z),
+    q = softmax(z / beta) and weights w_v (no gradient; linear: 1, logsigmoid: sigmoid((z_v - z_y) / 100)):
+        loss = sum_v q_v w_v (log p_v - log p_y) = sum_v q_v w_v (z_v - z_y)        (log-sum-exp cancels)
+        dloss/dz = q w - e_y sum_v q_v w_v                                         (q, w held constant)
+        ce = lse - z_y,   entropy = H(p)   (token_logprobs' statistics of the same tiles)
+    Per row and vocabulary tile the forward keeps m = max z (so max z/beta = m/beta), s, u as token_logprobs,
+    and s' = sum e^(z/beta - m/beta), A = sum e^(z/beta - m/beta) w z, B = sum e^(z/beta - m/beta) w; tiles (and
+    ranks) merge by rescaling to the common max, and sum_v q w z = A/S', sum_v q w = B/S'. The backward recomputes
+    each tile's z for q w."""
+    return _TokenGem.apply(hidden, local_rows(weight), targets, float(beta), h == "logsigmoid", ignore_index,
+                           shard_of(weight))
+
+
+class _TokenGem(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, h, w, y, beta, logsigmoid, ignore_index, shard):
+        n, m = len(y), None
+        if shard is not None:  # every rank's tokens, scored against this rank's vocabulary rows
+            (h, m), (y, _) = shard.gather(h, 0.0), shard.gather(y, ignore_index)
+        idx = (y != ignore_index).nonzero().squeeze(1)
+        hv, yv = _rows(h, idx), _rows(y, idx)
+        out = h.new_zeros(3, len(y), dtype=torch.float32)  # loss, ce, entropy
+        zy = lse_b = qw = None
+        if len(idx):
+            own, rows = _owned(yv, shard)
+            zy = hv.new_zeros(len(idx), dtype=torch.float32)
+            zy[own] = torch.linalg.vecdot(hv[own].float(), w.index_select(0, rows[own]).float())
+            if shard is not None:
+                shard.all_reduce(zy)
+            m_, s, u, sb, A, B = _gem_stats(hv, w, zy, beta, logsigmoid)
+            lse, ent = _merge(m_, s, u)
+            lse_b, qwz, qw = _merge_q(m_ / beta, sb, A, B)
+            if shard is not None:  # a rank's merged statistics are one tile of the whole vocabulary
+                g = shard.all_gather(torch.stack([lse, ent, lse_b, qwz, qw]))
+                lse, ent = _merge(g[:, 0], torch.ones_like(g[:, 0]), -g[:, 1])
+                lse_b, qwz, qw = _merge_q(g[:, 2], torch.ones_like(g[:, 2]), g[:, 3], g[:, 4])
+            out[:, idx] = torch.stack([qwz - qw * zy, lse - zy, ent])
+        ctx.save_for_backward(h, w, idx, yv, zy, lse_b, qw)
+        ctx.beta, ctx.logsigmoid, ctx.shard, ctx.m, ctx.n = beta, logsigmoid, shard, m, n
+        if shard is not None:
+            out = shard.mine(out.T, m, n).T
+        loss, ce, ent = (x.clone() for x in out)
+        ctx.mark_non_differentiable(ce, ent)
+        return loss, ce, ent
+
+    @staticmethod
+    def backward(ctx, g, _g_ce, _g_ent):
+        h, w, idx, yv, zy, lse_b, qw = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[:2]
+        shard, none = ctx.shard, [None] * 5
+        if shard is not None:
+            if not len(idx):
+                return torch.zeros(ctx.n, h.shape[1], dtype=h.dtype, device=h.device) if need_dh else None, None, *none
+            g = shard.gather(g if g is not None else h.new_zeros(ctx.n), 0.0)[0]
+        elif not len(idx) or g is None:
+            return torch.zeros_like(h) if need_dh else None, torch.zeros_like(w) if need_dw else None, *none
+        scale = 1.0 / shard.world if shard is not None else 1.0  # as in _TokenLogprobs.backward
+        hv, a = _rows(h, idx), _rows(g, idx).float() * scale
+        hs, (V, D), rows_, cols = hv.float(), w.shape, CHUNK_ROWS, CHUNK_COLS
+        dhv = torch.zeros(len(idx), D, device=h.device) if need_dh else None
+        dw = (shard.grad_buffer() if shard is not None else torch.zeros(V, D, device=w.device)) if need_dw else None
+        for v0 in range(0, V, cols):  # dense part dz = a q w, tile by tile
+            wv = w[v0:v0 + cols].float()
+            for r0 in range(0, len(idx), rows_):
+                r = slice(r0, r0 + rows_)
+                z = hs[r] @ wv.T
+                dz = torch.exp(z / ctx.beta - lse_b[r, None])
+                if ctx.logsigmoid:
+                    dz *= torch.sigmoid((z - zy[r, None]) / 100)
+                dz *= a[r, None]
+                if need_dh:
+                    dhv[r].addmm_(dz, wv)
+                if need_dw:
+                    dw[v0:v0 + cols].addmm_(dz.T, hs[r])
+        own, rows = _owned(yv, shard)
+        c = a * qw  # sparse part -e_y sum_v q w
+        dh = None
+        if need_dh:
+            dhv[own] -= c[own, None] * w.index_select(0, rows[own]).float()
+            dhv = dhv / scale if shard is not None else dhv
+            dh = dhv.to(h.dtype) if len(idx) == len(h) else torch.zeros_like(h).index_copy_(0, idx, dhv.to(h.dtype))
+            if shard is not None:
+                dh = shard.reduce_scatter(dh, ctx.m, ctx.n)
+        if need_dw:
+            dw.index_add_(0, rows[own], -c[own, None] * hs[own])
+            dw = dw.to(w.dtype) if shard is None else None
+        return dh, dw, *none
+
+
+def _gem_stats(h, w, zy, beta, logsigmoid):
+    """Per-tile [tiles, N] statistics of z = h @ w.T for token_gem: m, s, u (as _chunked_stats) and s', A, B."""
+    hs, rows, cols = h.float(), CHUNK_ROWS, CHUNK_COLS
+    N, V = len(h), len(w)
+    out = torch.empty(6, -(-V // cols), N, device=h.device)
+    for k, v0 in enumerate(range(0, V, cols)):
+        wv = w[v0:v0 + cols].float()
+        for r0 in range(0, N, rows):
+            r = slice(r0, r0 + rows)
+            z = hs[r] @ wv.T
+            m = z.amax(1, keepdim=True)
+            e = torch.exp(z - m)
+            eb = torch.exp((z - m) / beta)
+            ebw = eb * torch.sigmoid((z - zy[r, None]) / 100) if logsigmoid else eb
+            out[:, k, r] = torch.stack([m[:, 0], e.sum(1), (e * (z - m)).sum(1), eb.sum(1), (ebw * z).sum(1),
+                                        ebw.sum(1)])
+    return out
+
+
+def _merge_q(mb, sb, A, B):
+    """Per-tile [tiles, N] (max z/beta, s', A, B) -> per-row (log-sum-exp of z/beta, sum_v q w z, sum_v q w)."""
+    M = mb.amax(0)
+    r = torch.exp(mb - M)
+    S = (r * sb).sum(0)
+    return M + S.log(), (r * A).sum(0) / S, (r * B).sum(0) / S
 
 
 # ----------------------------------------------------------------------------- triton
@@ -271,11 +436,11 @@ def _triton_stats(h, w, inv_t, with_entropy):
     return m, s, u if with_entropy else None
 
 
-def _triton_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw):
+def _triton_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw, dw_out=None):
     _, bwd = _triton()
     h, w, (N, D), V, bl = h.to(w.dtype).contiguous(), w.contiguous(), h.shape, len(w), TRITON_BLOCKS
     dh = torch.zeros(N, D, device=h.device) if need_dh else None
-    dw = torch.zeros(V, D, device=w.device) if need_dw else None  # fp32 for the atomics; cast by the caller
+    dw = dw_out if dw_out is not None else torch.zeros(V, D, device=w.device) if need_dw else None  # fp32 atomics
     b, ent = (b, ent) if b is not None else (torch.zeros_like(a), torch.zeros_like(a))
     grid = (-(-N // bl["BN"]), -(-V // bl["BV"]))  # row blocks vary fastest: concurrent programs share a W tile
     bwd[grid](h, w, lse, ent, a, b, dh if need_dh else a, dw if need_dw else a, N, V, D, inv_t, **bl,

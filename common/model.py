@@ -144,7 +144,9 @@ class WithHead(torch.nn.Module):
     """Root module for FSDP2: runs the decoder body, then `head_fn(hidden, lm_head_weight)` inside one
     forward, so the root's parameters (embedding, final norm, lm_head) are unsharded while the head
     runs and their gradients are reduced like any other. head_fn is e.g. a `token_logprobs` call; it
-    never needs the full [tokens x vocab] logits. State-dict keys carry the prefix "lm."."""
+    never needs the full [tokens x vocab] logits. State-dict keys carry the prefix "lm.". On 2+ ranks a tied
+    weight is vocabulary-parallel (common/vocab_parallel.py): this rank's rows only, as a DTensor; the kernels
+    (`token_logprobs`, `token_gem`) take it as they take a full weight, a plain `hidden @ weight.T` does not."""
 
     def __init__(self, lm):
         super().__init__()

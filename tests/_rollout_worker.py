@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import dist  # noqa: E402
 from common import model as M  # noqa: E402
+from common.kernels import token_logprobs  # noqa: E402
 from common.rollout import Engine  # noqa: E402
 
 T = 0.8  # sampling temperature: the trainer's log-probs are tempered the same way
@@ -34,9 +34,8 @@ def main(model_dir, out_dir):
             ids = torch.tensor([s.prompt_ids + s.response_ids])
             tgt = torch.full_like(ids, -100)
             tgt[0, len(s.prompt_ids) - 1:-1] = ids[0, len(s.prompt_ids):]
-            head = lambda h, w: (h @ w.T / T).log_softmax(-1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
-            with torch.no_grad():
-                out += policy(ids, torch.ones_like(ids), head)[tgt != -100].tolist()
+            with torch.no_grad():  # the trainers' head (its weight may be this rank's vocabulary rows)
+                out += policy(ids, torch.ones_like(ids), M.logprob_head(tgt, T, with_entropy=False))[0][tgt != -100].tolist()
         dist.reshard(policy)
         return out
 
@@ -46,7 +45,7 @@ def main(model_dir, out_dir):
     # one large optimizer step on rank-specific data (FSDP averages the gradients)
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
     ids = torch.tensor([tok(f"{d.rank}:1+1=2;2+2=4").input_ids + [tok.eos_token_id]])
-    ce = lambda h, w: F.cross_entropy((h @ w.T)[0, :-1], ids[0, 1:])
+    ce = lambda h, w: -token_logprobs(h[0, :-1], w, ids[0, 1:])[0].mean()  # cross-entropy
     policy(ids, torch.ones_like(ids), ce).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

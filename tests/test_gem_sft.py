@@ -81,10 +81,12 @@ def _free_port():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["gem", "ce"])
-def test_two_rank_fsdp_step_equals_one_rank(tmp_path, loss):
+@pytest.mark.parametrize("loss,vocab", [("gem", "--vocab-parallel"), ("ce", "--vocab-parallel"),
+                                        ("gem", "--no-vocab-parallel")])
+def test_two_rank_fsdp_step_equals_one_rank(tmp_path, loss, vocab):
     """Same global batch of 16 sequences: 1 rank x 4 micro-batches vs 2 ranks x 2 micro-batches. The
-    global token-mean makes the update identical up to fp32 summation order (tolerance 1e-5).
+    global token-mean makes the update identical up to fp32 summation order (tolerance 1e-5). On 2 ranks the
+    tied embedding is vocabulary-parallel (the default: each rank its 64 rows) or gathered by FSDP.
 
     Adam's eps is raised to 1e-3 here: one Adam step moves an element by about lr * g / (|g| + eps), which
     for |g| near eps turns fp32 summation noise on g into weight differences of up to lr * noise / eps. With
@@ -92,7 +94,7 @@ def test_two_rank_fsdp_step_equals_one_rank(tmp_path, loss):
     1e-6 passed here but leaves lr * 1e-9 / 1e-6 = 1e-5, the tolerance itself, on another CPU. With 1e-3 the
     bound is lr * 1e-7 / 1e-3 = 1e-6 for any noise below 1e-7, on any machine, and the weights still move."""
     rows1, w1 = _run_sft(tmp_path, 1, ["--loss", loss])
-    rows2, w2 = _run_sft(tmp_path, 2, ["--loss", loss])
+    rows2, w2 = _run_sft(tmp_path, 2, ["--loss", loss, vocab])
     for a, b in zip(rows1, rows2):
         assert abs(a["train/loss"] - b["train/loss"]) < 1e-5 * max(1, abs(a["train/loss"]))
         assert abs(a["train/ce_loss"] - b["train/ce_loss"]) < 1e-5 * a["train/ce_loss"]
