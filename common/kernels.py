@@ -103,13 +103,10 @@ class _TokenLogprobs(torch.autograd.Function):
         need_dh, need_dw = ctx.needs_input_grad[:2]
         shard, none = ctx.shard, [None] * 7
         if not len(idx) or (shard is None and g_logp is None and g_ent is None):  # nothing to back-propagate
-            if shard is not None:
-                return (torch.zeros(ctx.n, h.shape[1], dtype=h.dtype, device=h.device) if need_dh else None), None, *none
-            return torch.zeros_like(h) if need_dh else None, torch.zeros_like(w) if need_dw else None, *none
-        if shard is not None:  # every rank's upstream gradients (a rank's None is zeros: the same collectives)
-            g_logp = shard.gather(g_logp if g_logp is not None else h.new_zeros(ctx.n), 0.0)[0]
-            g_ent = shard.gather(g_ent if g_ent is not None else h.new_zeros(ctx.n), 0.0)[0] \
-                if ctx.with_entropy else None
+            return *_zero_grads(ctx, h, w, need_dh, need_dw), *none
+        if shard is not None:
+            g_logp = _every_ranks(g_logp, ctx, h)
+            g_ent = _every_ranks(g_ent, ctx, h) if ctx.with_entropy else None
         inv_t, hv = ctx.inv_t, _rows(h, idx)
         a = _rows(g_logp, idx).float() if g_logp is not None else lse.new_zeros(len(idx))
         b = _rows(g_ent, idx).float() if g_ent is not None and ent is not None else None
@@ -126,14 +123,32 @@ class _TokenLogprobs(torch.autograd.Function):
         dh = None
         if need_dh:  # + sparse part a e_y:  dh += a W[y] / T
             dhv[own] += a[own, None] * w.index_select(0, rows[own]).float() * inv_t
-            dhv = dhv / scale if shard is not None else dhv
-            dh = dhv.to(h.dtype) if len(idx) == len(h) else torch.zeros_like(h).index_copy_(0, idx, dhv.to(h.dtype))
-            if shard is not None:  # the sum over every rank's vocabulary rows, this rank's tokens
-                dh = shard.reduce_scatter(dh, ctx.m, ctx.n)
+            dh = _my_dh(ctx, dhv, h, idx, scale)
         if need_dw:  # dW[y] += a h / T
             dw.index_add_(0, rows[own], (a[own, None] * hv[own].float() * inv_t).to(dw.dtype))
             dw = dw.to(w.dtype) if shard is None else None  # vocabulary-parallel: already in the parameter's .grad
         return dh, dw, *none
+
+
+def _zero_grads(ctx, h, w, need_dh, need_dw):
+    """(dh, dw) when no row is scored: zeros for this rank's ctx.n rows of hidden; zeros for w, or None for a
+    vocabulary-parallel w (its gradient goes into the parameter's .grad, and there is nothing to add)."""
+    dh = torch.zeros(ctx.n, h.shape[1], dtype=h.dtype, device=h.device) if need_dh else None
+    return dh, torch.zeros_like(w) if need_dw and ctx.shard is None else None
+
+
+def _every_ranks(g, ctx, h):
+    """Vocabulary-parallel backward: every rank's upstream gradient [world * m] (a rank's None is zeros, so every
+    rank runs the same collectives)."""
+    return ctx.shard.gather(g if g is not None else h.new_zeros(ctx.n), 0.0)[0]
+
+
+def _my_dh(ctx, dhv, h, idx, scale):
+    """fp32 dh of the scored rows idx of h -> dh of this rank's rows of hidden, in h's dtype. Vocabulary-parallel:
+    undo the upstream gradients' 1/W (`scale`), and sum over the ranks' vocabulary rows (a reduce-scatter)."""
+    dhv = dhv / scale if ctx.shard is not None else dhv
+    dh = dhv.to(h.dtype) if len(idx) == len(h) else torch.zeros_like(h).index_copy_(0, idx, dhv.to(h.dtype))
+    return dh if ctx.shard is None else ctx.shard.reduce_scatter(dh, ctx.m, ctx.n)
 
 
 def _owned(y, shard):
@@ -281,12 +296,10 @@ class _TokenGem(torch.autograd.Function):
         h, w, idx, yv, zy, lse_b, qw = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[:2]
         shard, none = ctx.shard, [None] * 5
+        if not len(idx) or (shard is None and g is None):  # nothing to back-propagate
+            return *_zero_grads(ctx, h, w, need_dh, need_dw), *none
         if shard is not None:
-            if not len(idx):
-                return torch.zeros(ctx.n, h.shape[1], dtype=h.dtype, device=h.device) if need_dh else None, None, *none
-            g = shard.gather(g if g is not None else h.new_zeros(ctx.n), 0.0)[0]
-        elif not len(idx) or g is None:
-            return torch.zeros_like(h) if need_dh else None, torch.zeros_like(w) if need_dw else None, *none
+            g = _every_ranks(g, ctx, h)
         scale = 1.0 / shard.world if shard is not None else 1.0  # as in _TokenLogprobs.backward
         hv, a = _rows(h, idx), _rows(g, idx).float() * scale
         hs, (V, D), rows_, cols = hv.float(), w.shape, CHUNK_ROWS, CHUNK_COLS
@@ -310,10 +323,7 @@ class _TokenGem(torch.autograd.Function):
         dh = None
         if need_dh:
             dhv[own] -= c[own, None] * w.index_select(0, rows[own]).float()
-            dhv = dhv / scale if shard is not None else dhv
-            dh = dhv.to(h.dtype) if len(idx) == len(h) else torch.zeros_like(h).index_copy_(0, idx, dhv.to(h.dtype))
-            if shard is not None:
-                dh = shard.reduce_scatter(dh, ctx.m, ctx.n)
+            dh = _my_dh(ctx, dhv, h, idx, scale)
         if need_dw:
             dw.index_add_(0, rows[own], -c[own, None] * hs[own])
             dw = dw.to(w.dtype) if shard is None else None

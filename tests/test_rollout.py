@@ -5,15 +5,12 @@ read at the sampled tokens. One vLLM engine at a time lives in this process (mod
 first syncs the weights it expects, so the tests don't depend on their order.
 """
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _launch import torchrun
 from common.model import build_tiny, load
 from common.rollout import Engine, Sample, _tied_head, _top_p, sample_seed
 
@@ -284,27 +281,9 @@ def test_hf_backend_matches_vllm(tiny, vllm_engine):
 
 
 # ---------------------------------------------------------------------------- torchrun, 2 ranks
-def _torchrun(worker, *args):
-    """Run tests/<worker> on 2 ranks to completion; on a time-out SIGKILL torchrun and every worker (each sits in
-    a session of its own, so torchrun's process group alone would leave them running)."""
-    import psutil
-    torchrun = Path(sys.executable).with_name("torchrun")
-    p = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "tests" / worker),
-                          *map(str, args)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = p.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        for q in [psutil.Process(p.pid)] + psutil.Process(p.pid).children(recursive=True):
-            q.send_signal(signal.SIGKILL)
-        p.communicate()
-        raise
-    assert p.returncode == 0, err[-4000:]
-
-
 @pytest.mark.slow
 def test_two_ranks_fsdp_sync(tiny, tmp_path):
-    _torchrun("_rollout_worker.py", tiny[True], tmp_path)
+    torchrun("_rollout_worker.py", tiny[True], tmp_path)
     res = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
     for x in res:
         assert x["tied"] and x["gap_after_sync"] < 1e-4, x
@@ -317,7 +296,7 @@ def test_two_ranks_fsdp_sync(tiny, tmp_path):
 def test_two_ranks_gsm8k_long_prompts(tiny, tmp_path):
     """Real GSM8K prompts, more prompt tokens per rank than one engine step may schedule: on CPU this used
     to split a prefill and crash in vLLM's generator rewind ("CPU Generator does not use offset")."""
-    _torchrun("_gsm8k_worker.py", tiny[True], ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl", tmp_path)
+    torchrun("_gsm8k_worker.py", tiny[True], ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl", tmp_path)
     for k in range(2):
         x = json.loads((tmp_path / f"rank{k}.json").read_text())
         assert x["prompt_tokens"] > x["budget"], x  # by construction: the batch cannot fit one step

@@ -1,8 +1,6 @@
 """common.vocab_parallel and the kernels' vocabulary-parallel paths, and kernels.token_gem, against full-logit
 formulas written here (float64)."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _launch import torchrun  # noqa: E402
 from common import kernels as K  # noqa: E402
 
 
@@ -63,18 +62,11 @@ def test_vocab_parallel_equals_full_logits(world, impl):
     with different token counts per rank (one with no scored token): tests/_vocab_worker.py against float64
     full-logit formulas over every rank's tokens. A plausible wrong variant (the lookup's gradient not divided by
     the world size) gives an error of 0.7 here. impl: token_logprobs' kernels (triton: in the CPU interpreter)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RL_LOGPROB_IMPL": impl}
+    env = {"OMP_NUM_THREADS": "1", "RL_LOGPROB_IMPL": impl}
     if impl == "triton" and not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = subprocess.run([str(ROOT / ".venv/bin/torchrun"), "--nproc_per_node", str(world), "--master-port", str(port),
-                        str(ROOT / "tests/_vocab_worker.py")], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    checks = {c["check"]: c["err"] for c in map(json.loads, (line for line in r.stdout.splitlines() if line.startswith("{")))}
+    out = torchrun("_vocab_worker.py", nproc=world, env=env, timeout=300)
+    checks = {c["check"]: c["err"] for c in map(json.loads, (line for line in out.splitlines() if line.startswith("{")))}
     assert set(checks) == {"logprobs T=1.0", "logprobs T=0.7", "logprobs no entropy", "gem linear", "gem logsigmoid",
                            "lookup"}
     assert max(checks.values()) < 1e-4, checks
