@@ -2,7 +2,6 @@
 and GEM kernels against float64 full-logit formulas over every rank's tokens in one process. Prints one JSON line
 per check (rank 0) with the largest error relative to 1 + |reference|."""
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor, Shard  # noqa: E402
 
 from common import kernels as K, vocab_parallel as VP  # noqa: E402
+from common.dist import exit_cleanly  # noqa: E402
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -107,6 +107,4 @@ for h in ("linear", "logsigmoid"):
 # the lookup: x is unused (its gradient is 0 on both sides); the loss is a random projection of the embeddings
 compare("lookup", lambda x, w, b: (VP.VocabParallelEmbedding(w)(IDS[b][rank]) * LG[b][rank]).sum() + 0 * x.sum(),
         lambda x, w, b, r: (torch.nn.functional.embedding(IDS[b][r], w, padding_idx=PAD) * LG[b][r]).sum() + 0 * x.sum())
-dist.barrier()
-sys.stdout.flush()
-os._exit(0)  # no interpreter finalization: gloo's threads can abort it (see common/dist.py exit_cleanly)
+exit_cleanly()  # barrier, leave the group, flush, no interpreter finalization (gloo's threads can abort it)
