@@ -138,7 +138,8 @@ def main(args: Args):
         opt.zero_grad(set_to_none=True)
         m = {f"train/{k}": v * d.world for k, v in dist.mean_metrics(sums, {k: n_tokens for k in sums}).items()}
         m |= {"train/grad_norm": grad_norm.item(), "train/lr": get_lr(step, total, args), "train/epoch": epoch,
-              "train/tokens_per_s": n_tokens / (time.time() - t0), "train/bad_steps": guard.total}
+              "train/tokens_per_s": n_tokens / (time.time() - t0), "train/time_step": time.time() - t0,
+              "train/bad_steps": guard.total}
         if (args.log_every and step % args.log_every == 0) or step == total - 1 or not math.isfinite(grad_norm.item()):
             log.log(step + 1, m, ["train/loss", "train/ce_loss", "train/entropy", "train/grad_norm"])
         if checkpoint.save_or_stop(step + 1, total, args.save_every, out, policy, opt, stop, guard,

@@ -16,7 +16,10 @@ the tiles only handle the dense -p * (...) part. Then dhidden = dz @ W / T and d
 
 Implementations: "chunked" (pure torch, CPU or GPU: [rows x cols] logit tiles, fp32 math) and "triton"
 (CUDA, or the interpreter with TRITON_INTERPRET=1). impl="auto" picks triton for CUDA tensors, chunked
-otherwise; the env var RL_LOGPROB_IMPL=chunked|triton overrides "auto".
+otherwise; the env var RL_LOGPROB_IMPL=chunked|triton overrides "auto". Triton's forward is one kernel (logit
+tiles in registers, online statistics); its backward goes through the vocabulary in chunks: a kernel recomputes
+the chunk's logits and writes dz [N, chunk] in the inputs' dtype (the sparse a e_y term included), then two cuBLAS
+products give dh += dz @ W_c (fp32) and dW_c = dz^T @ h (each chunk of dW written once, never accumulated).
 
 A vocabulary-parallel weight (common/vocab_parallel.py: this rank's rows of a tied embedding) works the same way:
 every rank's rows of hidden are gathered, the statistics above are computed over this rank's vocabulary rows and
@@ -40,7 +43,13 @@ CHUNK_ROWS, CHUNK_COLS = 2048, 1024
 # trade of memory for time (all of a small vocabulary's logits fit, so e.g. the built-in model never
 # recomputes). Only when a gradient will be taken; 0 turns it off.
 CHUNK_CACHE_BYTES = 128 * 2**20
-TRITON_BLOCKS = dict(BN=64, BV=128, BD=64)  # rows x vocab tile, and the step over the hidden dim
+# Triton: rows x vocab tile per program, the step over the hidden dim (halved for fp32 inputs), warps and pipeline
+# stages per program (the interpreter ignores the last two). Sized for Hopper with 16-bit inputs (bench/gpu_check.py
+# times the alternatives).
+TRITON_BLOCKS = dict(BN=128, BV=128, BD=64, num_warps=8, num_stages=3)
+# Triton's backward writes dz for a chunk of the vocabulary at a time: [N, chunk] with chunk = this many elements / N
+# (at least N x D elements, Liger Kernel's budget for its logit chunks): fewer, larger cuBLAS products for more memory.
+TRITON_DZ_ELEMS = 2**24
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=True, ignore_index=-100, impl="auto"):
@@ -49,16 +58,21 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=True, 
     hidden [..., D], weight [V, D], targets [...] (long) -> (logp [...], entropy [...] or None), fp32.
     Differentiable w.r.t. hidden and weight through both outputs. Positions with targets == ignore_index
     give 0 for both and get no gradient (they are skipped, so they cost nothing either)."""
-    if impl == "auto":
-        impl = os.environ.get("RL_LOGPROB_IMPL", "auto")
-        impl = impl if impl != "auto" else "triton" if hidden.is_cuda else "chunked"
-    if impl not in ("triton", "chunked"):
-        raise ValueError(f"impl must be auto, triton or chunked, got {impl!r}")
+    impl = _impl(impl, hidden)
     # tiles are kept for a backward only if there will be one (not under no_grad: old policy, reference)
     keep = CHUNK_CACHE_BYTES if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad) else 0
     logp, ent = _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), local_rows(weight), targets.reshape(-1),
                                      float(temperature), with_entropy, ignore_index, impl, keep, shard_of(weight))
     return logp.view(targets.shape), ent.view(targets.shape) if with_entropy else None
+
+
+def _impl(impl, hidden):
+    if impl == "auto":
+        impl = os.environ.get("RL_LOGPROB_IMPL", "auto")
+        impl = impl if impl != "auto" else "triton" if hidden.is_cuda else "chunked"
+    if impl not in ("triton", "chunked"):
+        raise ValueError(f"impl must be auto, triton or chunked, got {impl!r}")
+    return impl
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -114,18 +128,18 @@ class _TokenLogprobs(torch.autograd.Function):
         scale = 1.0 / shard.world if shard is not None else 1.0
         a, b = a * scale, (b * scale if b is not None else None)
         dw_out = shard.grad_buffer() if shard is not None and need_dw else None
-        # dense part: dz = -p (a + b (log p + H))
-        if ctx.impl == "triton":
-            dhv, dw = _triton_grads(hv, w, inv_t, lse, ent, a, b, need_dh, need_dw, dw_out)
-        else:
-            dhv, dw = _chunked_grads(hv, w, inv_t, lse, ent, a, b, need_dh, need_dw, ctx.tiles, dw_out)  # empties ctx.tiles
         own, rows = _owned(yv, shard)
-        dh = None
-        if need_dh:  # + sparse part a e_y:  dh += a W[y] / T
-            dhv[own] += a[own, None] * w.index_select(0, rows[own]).float() * inv_t
-            dh = _my_dh(ctx, dhv, h, idx, scale)
-        if need_dw:  # dW[y] += a h / T
-            dw.index_add_(0, rows[own], (a[own, None] * hv[own].float() * inv_t).to(dw.dtype))
+        if ctx.impl == "triton":  # dz = a e_y - p (a + b (log p + H)), the sparse term inside the kernel
+            dhv, dw = _triton_grads(hv, w, _target_rows(yv, shard), need_dh, need_dw, dw_out, inv_t=inv_t, lse=lse,
+                                    a=a, b=b, ent=ent)
+        else:  # dense part dz = -p (a + b (log p + H)), then the sparse part a e_y
+            dhv, dw = _chunked_grads(hv, w, inv_t, lse, ent, a, b, need_dh, need_dw, ctx.tiles, dw_out)  # empties ctx.tiles
+            if need_dh:  # dh += a W[y] / T
+                dhv[own] += a[own, None] * w.index_select(0, rows[own]).float() * inv_t
+            if need_dw:  # dW[y] += a h / T
+                dw.index_add_(0, rows[own], (a[own, None] * hv[own].float() * inv_t).to(dw.dtype))
+        dh = _my_dh(ctx, dhv, h, idx, scale) if need_dh else None
+        if need_dw:
             dw = dw.to(w.dtype) if shard is None else None  # vocabulary-parallel: already in the parameter's .grad
         return dh, dw, *none
 
@@ -155,6 +169,14 @@ def _owned(y, shard):
     """(index of the targets whose row this rank holds, their row numbers in w): all of them (a slice, no copy)
     without a shard."""
     return (slice(None), y) if shard is None else shard.owned(y)
+
+
+def _target_rows(y, shard):
+    """Each scored row's target as a row number of this rank's w, -1 where another rank holds it (Triton's dz)."""
+    if shard is None:
+        return y
+    own, local = shard.owned(y)
+    return torch.where(own, local, -1)
 
 
 def _rows(x, idx):
@@ -241,7 +263,7 @@ def _tile(buf, n, m):
 
 # ----------------------------------------------------------------------------- GEM
 
-def token_gem(hidden, weight, targets, beta, h="linear", ignore_index=-100):
+def token_gem(hidden, weight, targets, beta, h="linear", ignore_index=-100, impl="auto"):
     """GEM's per-token loss (gem_sft.py), fused with the lm_head like token_logprobs: no [N, V] logits.
 
     hidden [N, D], weight [V, D] (plain or vocabulary-parallel), targets [N] -> (loss, ce, entropy), each [N] fp32,
@@ -253,15 +275,15 @@ def token_gem(hidden, weight, targets, beta, h="linear", ignore_index=-100):
     Per row and vocabulary tile the forward keeps m = max z (so max z/beta = m/beta), s, u as token_logprobs,
     and s' = sum e^(z/beta - m/beta), A = sum e^(z/beta - m/beta) w z, B = sum e^(z/beta - m/beta) w; tiles (and
     ranks) merge by rescaling to the common max, and sum_v q w z = A/S', sum_v q w = B/S'. The backward recomputes
-    each tile's z for q w."""
+    each tile's z for q w. impl: as token_logprobs ("auto": Triton on CUDA, else chunked)."""
     return _TokenGem.apply(hidden, local_rows(weight), targets, float(beta), h == "logsigmoid", ignore_index,
-                           shard_of(weight))
+                           shard_of(weight), _impl(impl, hidden))
 
 
 class _TokenGem(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, h, w, y, beta, logsigmoid, ignore_index, shard):
+    def forward(ctx, h, w, y, beta, logsigmoid, ignore_index, shard, impl):
         n, m = len(y), None
         if shard is not None:  # every rank's tokens, scored against this rank's vocabulary rows
             (h, m), (y, _) = shard.gather(h, 0.0), shard.gather(y, ignore_index)
@@ -275,7 +297,8 @@ class _TokenGem(torch.autograd.Function):
             zy[own] = torch.linalg.vecdot(hv[own].float(), w.index_select(0, rows[own]).float())
             if shard is not None:
                 shard.all_reduce(zy)
-            m_, s, u, sb, A, B = _gem_stats(hv, w, zy, beta, logsigmoid)
+            m_, s, u, sb, A, B = _triton_stats(hv, w, 1.0, True, (beta, logsigmoid, zy)) if impl == "triton" else \
+                _gem_stats(hv, w, zy, beta, logsigmoid)
             lse, ent = _merge(m_, s, u)
             lse_b, qwz, qw = _merge_q(m_ / beta, sb, A, B)
             if shard is not None:  # a rank's merged statistics are one tile of the whole vocabulary
@@ -284,7 +307,7 @@ class _TokenGem(torch.autograd.Function):
                 lse_b, qwz, qw = _merge_q(g[:, 2], torch.ones_like(g[:, 2]), g[:, 3], g[:, 4])
             out[:, idx] = torch.stack([qwz - qw * zy, lse - zy, ent])
         ctx.save_for_backward(h, w, idx, yv, zy, lse_b, qw)
-        ctx.beta, ctx.logsigmoid, ctx.shard, ctx.m, ctx.n = beta, logsigmoid, shard, m, n
+        ctx.beta, ctx.logsigmoid, ctx.shard, ctx.m, ctx.n, ctx.impl = beta, logsigmoid, shard, m, n, impl
         if shard is not None:
             out = shard.mine(out.T, m, n).T
         loss, ce, ent = (x.clone() for x in out)
@@ -295,37 +318,21 @@ class _TokenGem(torch.autograd.Function):
     def backward(ctx, g, _g_ce, _g_ent):
         h, w, idx, yv, zy, lse_b, qw = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[:2]
-        shard, none = ctx.shard, [None] * 5
+        shard, none = ctx.shard, [None] * 6
         if not len(idx) or (shard is None and g is None):  # nothing to back-propagate
             return *_zero_grads(ctx, h, w, need_dh, need_dw), *none
         if shard is not None:
             g = _every_ranks(g, ctx, h)
         scale = 1.0 / shard.world if shard is not None else 1.0  # as in _TokenLogprobs.backward
         hv, a = _rows(h, idx), _rows(g, idx).float() * scale
-        hs, (V, D), rows_, cols = hv.float(), w.shape, CHUNK_ROWS, CHUNK_COLS
-        dhv = torch.zeros(len(idx), D, device=h.device) if need_dh else None
-        dw = (shard.grad_buffer() if shard is not None else torch.zeros(V, D, device=w.device)) if need_dw else None
-        for v0 in range(0, V, cols):  # dense part dz = a q w, tile by tile
-            wv = w[v0:v0 + cols].float()
-            for r0 in range(0, len(idx), rows_):
-                r = slice(r0, r0 + rows_)
-                z = hs[r] @ wv.T
-                dz = torch.exp(z / ctx.beta - lse_b[r, None])
-                if ctx.logsigmoid:
-                    dz *= torch.sigmoid((z - zy[r, None]) / 100)
-                dz *= a[r, None]
-                if need_dh:
-                    dhv[r].addmm_(dz, wv)
-                if need_dw:
-                    dw[v0:v0 + cols].addmm_(dz.T, hs[r])
-        own, rows = _owned(yv, shard)
-        c = a * qw  # sparse part -e_y sum_v q w
-        dh = None
-        if need_dh:
-            dhv[own] -= c[own, None] * w.index_select(0, rows[own]).float()
-            dh = _my_dh(ctx, dhv, h, idx, scale)
+        dw_out = shard.grad_buffer() if shard is not None and need_dw else None
+        if ctx.impl == "triton":  # dz = a q w - e_y a sum_v q w, the sparse term inside the kernel
+            dhv, dw = _triton_grads(hv, w, _target_rows(yv, shard), need_dh, need_dw, dw_out, lse=lse_b, a=a,
+                                    gem=(ctx.beta, ctx.logsigmoid, zy, qw))
+        else:
+            dhv, dw = _gem_grads(hv, w, yv, a, zy, lse_b, qw, ctx.beta, ctx.logsigmoid, shard, need_dh, need_dw, dw_out)
+        dh = _my_dh(ctx, dhv, h, idx, scale) if need_dh else None
         if need_dw:
-            dw.index_add_(0, rows[own], -c[own, None] * hs[own])
             dw = dw.to(w.dtype) if shard is None else None
         return dh, dw, *none
 
@@ -349,6 +356,33 @@ def _gem_stats(h, w, zy, beta, logsigmoid):
     return out
 
 
+def _gem_grads(hv, w, yv, a, zy, lse_b, qw, beta, logsigmoid, shard, need_dh, need_dw, dw_out):
+    """token_gem's chunked backward: (fp32 dh of the scored rows, fp32 dW or dw_out with dW added)."""
+    hs, (V, D), rows_, cols = hv.float(), w.shape, CHUNK_ROWS, CHUNK_COLS
+    dhv = torch.zeros(len(hv), D, device=hv.device) if need_dh else None
+    dw = (dw_out if dw_out is not None else torch.zeros(V, D, device=w.device)) if need_dw else None
+    for v0 in range(0, V, cols):  # dense part dz = a q w, tile by tile
+        wv = w[v0:v0 + cols].float()
+        for r0 in range(0, len(hv), rows_):
+            r = slice(r0, r0 + rows_)
+            z = hs[r] @ wv.T
+            dz = torch.exp(z / beta - lse_b[r, None])
+            if logsigmoid:
+                dz *= torch.sigmoid((z - zy[r, None]) / 100)
+            dz *= a[r, None]
+            if need_dh:
+                dhv[r].addmm_(dz, wv)
+            if need_dw:
+                dw[v0:v0 + cols].addmm_(dz.T, hs[r])
+    own, rows = _owned(yv, shard)
+    c = a * qw  # sparse part -e_y sum_v q w
+    if need_dh:
+        dhv[own] -= c[own, None] * w.index_select(0, rows[own]).float()
+    if need_dw:
+        dw.index_add_(0, rows[own], -c[own, None] * hs[own])
+    return dhv, dw
+
+
 def _merge_q(mb, sb, A, B):
     """Per-tile [tiles, N] (max z/beta, s', A, B) -> per-row (log-sum-exp of z/beta, sum_v q w z, sum_v q w)."""
     M = mb.amax(0)
@@ -363,17 +397,13 @@ def _merge_q(mb, sb, A, B):
 def _triton():
     """Define the kernels on first use: triton is only imported here, so a CPU test can set TRITON_INTERPRET=1
     first. Names are module globals because the interpreter resolves helpers through the module's globals."""
-    global triton, tl, _load, _atomic_add, _logit_tile, _fwd_kernel, _bwd_kernel
+    global triton, tl, _load, _logit_tile, _stats_kernel, _dz_kernel
     import triton
     import triton.language as tl
 
     @triton.jit
     def _load(P, r, ds, n, D):  # block P[r, ds] of a row-major [n, D] matrix, zeros outside
         return tl.load(P + r[:, None] * D + ds[None, :], mask=(r[:, None] < n) & (ds[None, :] < D), other=0.0)
-
-    @triton.jit
-    def _atomic_add(P, r, ds, n, D, x):  # P[r, ds] += x
-        tl.atomic_add(P + r[:, None] * D + ds[None, :], x, mask=(r[:, None] < n) & (ds[None, :] < D))
 
     @triton.jit
     def _logit_tile(H, W, rows, cols, N, V, D, inv_t, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
@@ -386,14 +416,21 @@ def _triton():
         return acc * inv_t
 
     @triton.jit
-    def _fwd_kernel(H, W, M, S, U, N, V, D, inv_t, tiles_per_split, n_tiles,
-                    BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
-        # program (i, j): row block i over the j-th run of vocab tiles -> online (m, s, u) into M/S/U[j, rows]
+    def _stats_kernel(H, W, ZY, OUT, N, V, D, inv_t, inv_beta, tiles_per_split, n_tiles, n_splits,
+                      BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+                      ENTROPY: tl.constexpr, GEM: tl.constexpr, LOGSIG: tl.constexpr):
+        # program (i, j): row block i over the j-th run of vocab tiles -> OUT[k, j, rows] for the online statistics
+        # k = 0..2: m, s, u (as _chunked_stats); GEM, k = 3..5: s', A, B (as _gem_stats, relative to m / beta)
         i, j = tl.program_id(0), tl.program_id(1)
         rows = (i * BN + tl.arange(0, BN)).to(tl.int64)
         m = tl.full([BN], -1e30, tl.float32)  # finite "-inf": keeps 0 * (m - m_new) = 0
         s = tl.zeros([BN], dtype=tl.float32)
         u = tl.zeros([BN], dtype=tl.float32)
+        sb = tl.zeros([BN], dtype=tl.float32)
+        A = tl.zeros([BN], dtype=tl.float32)
+        B = tl.zeros([BN], dtype=tl.float32)
+        if LOGSIG:
+            zy = tl.load(ZY + rows, mask=rows < N, other=0.0)
         for t in range(j * tiles_per_split, tl.minimum((j + 1) * tiles_per_split, n_tiles)):
             cols = (t * BV + tl.arange(0, BV)).to(tl.int64)
             z = _logit_tile(H, W, rows, cols, N, V, D, inv_t, BN, BV, BD, PREC)
@@ -401,61 +438,146 @@ def _triton():
             m_new = tl.maximum(m, tl.max(z, 1))
             r = tl.exp(m - m_new)  # rescales the old sums to the new max
             e = tl.exp(z - m_new[:, None])
-            u = r * (u + (m - m_new) * s) + tl.sum(e * (z - m_new[:, None]), 1)
+            if ENTROPY:
+                u = r * (u + (m - m_new) * s) + tl.sum(e * (z - m_new[:, None]), 1)
             s = r * s + tl.sum(e, 1)
+            if GEM:  # q = softmax(z / beta) with weights w (linear: 1; logsigmoid: sigmoid((z - z_y) / 100))
+                rb = tl.exp((m - m_new) * inv_beta)
+                eb = tl.exp((z - m_new[:, None]) * inv_beta)
+                if LOGSIG:
+                    eb_w = eb * tl.sigmoid((z - zy[:, None]) / 100)
+                else:
+                    eb_w = eb
+                sb = rb * sb + tl.sum(eb, 1)
+                A = rb * A + tl.sum(eb_w * tl.where(cols[None, :] < V, z, 0.0), 1)
+                B = rb * B + tl.sum(eb_w, 1)
             m = m_new
-        tl.store(M + j * N + rows, m, mask=rows < N)
-        tl.store(S + j * N + rows, s, mask=rows < N)
-        tl.store(U + j * N + rows, u, mask=rows < N)
+        out = OUT + j * N + rows
+        stride = n_splits * N
+        tl.store(out, m, mask=rows < N)
+        tl.store(out + stride, s, mask=rows < N)
+        tl.store(out + 2 * stride, u, mask=rows < N)
+        if GEM:
+            tl.store(out + 3 * stride, sb, mask=rows < N)
+            tl.store(out + 4 * stride, A, mask=rows < N)
+            tl.store(out + 5 * stride, B, mask=rows < N)
 
     @triton.jit
-    def _bwd_kernel(H, W, LSE, ENT, A, B, DH, DW, N, V, D, inv_t, BN: tl.constexpr, BV: tl.constexpr,
-                    BD: tl.constexpr, PREC: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr):
-        # program (i, j): one [BN, BV] tile of dz = -p (a + b (log p + H)) / T, then for each BD slice of the
-        # hidden dim: DH[rows] += dz @ W[cols], DW[cols] += dz^T @ H[rows] (fp32 atomics: tiles share rows/cols)
+    def _dz_kernel(H, W, Y, LSE, A, B, E, ZY, DZ, N, V, D, inv_t, inv_beta,
+                   BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+                   HAS_B: tl.constexpr, GEM: tl.constexpr, LOGSIG: tl.constexpr):
+        # program (i, j): one [BN, BV] tile of dz (dL/dlogits, times 1/T) over the V columns of W -> DZ [N, V]:
+        #   log-prob: dz = (a e_y - p (a + b (log p + H))) / T      (E = H, the entropy; LSE = lse)
+        #   GEM:      dz = a q w - e_y a sum_v q w                   (E = sum_v q w; LSE = log-sum-exp of z / beta)
+        # Y: each row's target column in W, or -1 (another rank's row, or another chunk's)
         i, j = tl.program_id(0), tl.program_id(1)
         rows = (i * BN + tl.arange(0, BN)).to(tl.int64)
         cols = (j * BV + tl.arange(0, BV)).to(tl.int64)
-        lse = tl.load(LSE + rows, mask=rows < N, other=0.0)
-        a = tl.load(A + rows, mask=rows < N, other=0.0)  # 0 on padded rows -> dz = 0 there
-        b = tl.load(B + rows, mask=rows < N, other=0.0)
-        ent = tl.load(ENT + rows, mask=rows < N, other=0.0)
-        logp = _logit_tile(H, W, rows, cols, N, V, D, inv_t, BN, BV, BD, PREC) - lse[:, None]
-        p = tl.where(cols[None, :] < V, tl.exp(logp), 0.0)
-        dz = (-p * (a[:, None] + b[:, None] * (logp + ent[:, None])) * inv_t).to(H.dtype.element_ty)
-        for d0 in range(0, D, BD):
-            ds = d0 + tl.arange(0, BD)
-            if NEED_DH:
-                _atomic_add(DH, rows, ds, N, D, tl.dot(dz, _load(W, cols, ds, V, D), input_precision=PREC))
-            if NEED_DW:
-                _atomic_add(DW, cols, ds, V, D, tl.dot(tl.trans(dz), _load(H, rows, ds, N, D), input_precision=PREC))
+        rmask = rows < N
+        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+        a = tl.load(A + rows, mask=rmask, other=0.0)
+        e = tl.load(E + rows, mask=rmask, other=0.0)
+        y = tl.load(Y + rows, mask=rmask, other=-1)
+        z = _logit_tile(H, W, rows, cols, N, V, D, inv_t, BN, BV, BD, PREC)
+        is_y = cols[None, :] == y[:, None]
+        if GEM:
+            q = tl.exp(z * inv_beta - lse[:, None])
+            if LOGSIG:
+                zy = tl.load(ZY + rows, mask=rmask, other=0.0)
+                q = q * tl.sigmoid((z - zy[:, None]) / 100)
+            dz = a[:, None] * q - tl.where(is_y, (a * e)[:, None], 0.0)
+        else:
+            logp = z - lse[:, None]
+            p = tl.exp(logp)
+            if HAS_B:
+                b = tl.load(B + rows, mask=rmask, other=0.0)
+                dz = -p * (a[:, None] + b[:, None] * (logp + e[:, None]))
+            else:
+                dz = -p * a[:, None]
+            dz = (dz + tl.where(is_y, a[:, None], 0.0)) * inv_t
+        mask = rmask[:, None] & (cols[None, :] < V)
+        tl.store(DZ + rows[:, None] * V + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
 
-    return _fwd_kernel, _bwd_kernel
+    return _stats_kernel, _dz_kernel
 
 
-def _triton_stats(h, w, inv_t, with_entropy):
-    fwd, _ = _triton()
-    h, w, (N, D), V, bl = h.to(w.dtype).contiguous(), w.contiguous(), h.shape, len(w), TRITON_BLOCKS
+def _launch(h):
+    """Tiles and launch settings for inputs of h's dtype: TRITON_BLOCKS, with half the hidden-dim step for fp32 (its
+    tiles take twice the shared memory)."""
+    bl = dict(TRITON_BLOCKS)
+    if h.dtype == torch.float32:
+        bl["BD"] = max(16, bl["BD"] // 2)
+    return bl
+
+
+def _triton_stats(h, w, inv_t, with_entropy, gem=None):
+    """Per-split statistics of z = h @ w.T / T: (m, s, u) as _chunked_stats ([splits, N] each; u None without
+    entropy), and with gem = (beta, logsigmoid, z_y) also (s', A, B) as _gem_stats."""
+    stats_kernel, _ = _triton()
+    h, w, (N, D), V = *_compute_pair(h, w), h.shape, len(w)
+    bl = _launch(h)
     n_tiles, row_blocks = -(-V // bl["BV"]), -(-N // bl["BN"])
     # split the vocab over enough programs to fill the GPU; the splits' stats are merged like tiles
     want = 4 * torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 4
     per = -(-n_tiles // min(n_tiles, max(1, -(-want // row_blocks))))
     splits = -(-n_tiles // per)
-    m, s, u = torch.empty(3, splits, N, device=h.device)
-    fwd[(row_blocks, splits)](h, w, m, s, u, N, V, D, inv_t, per, n_tiles, **bl, PREC=_prec(h))
-    return m, s, u if with_entropy else None
+    out = torch.empty(6 if gem else 3, splits, N, device=h.device)
+    beta, logsigmoid, zy = gem or (1.0, False, None)
+    stats_kernel[(row_blocks, splits)](h, w, zy if logsigmoid else out, out, N, V, D, inv_t, 1.0 / beta, per, n_tiles,
+                                       splits, **bl, PREC=_prec(h), ENTROPY=with_entropy or gem is not None,
+                                       GEM=gem is not None, LOGSIG=logsigmoid)
+    if gem:
+        return tuple(out)
+    return out[0], out[1], out[2] if with_entropy else None
 
 
-def _triton_grads(h, w, inv_t, lse, ent, a, b, need_dh, need_dw, dw_out=None):
-    _, bwd = _triton()
-    h, w, (N, D), V, bl = h.to(w.dtype).contiguous(), w.contiguous(), h.shape, len(w), TRITON_BLOCKS
+def _triton_grads(h, w, y, need_dh, need_dw, dw_out=None, *, lse, a, inv_t=1.0, b=None, ent=None, gem=None):
+    """(fp32 dh, dW in w's dtype, or dw_out with dW added) through the vocabulary in chunks of TRITON_DZ_ELEMS / N
+    columns: _dz_kernel writes dz [N, chunk] in the inputs' dtype, then dh += dz @ W_c and dW_c = dz^T @ h (cuBLAS,
+    fp32 accumulation). Logits are recomputed from h and w, never stored. y: target rows in w, -1 = none here.
+    gem = (beta, logsigmoid, z_y, sum_v q w): token_gem's dz; else token_logprobs' with (inv_t, lse, a, b, ent)."""
+    _, dz_kernel = _triton()
+    w_dtype = w.dtype
+    h, w, (N, D), V = *_compute_pair(h, w), h.shape, len(w)
+    bl = _launch(h)
+    cols = min(V, max(bl["BV"], max(TRITON_DZ_ELEMS, N * D) // max(N, 1) // bl["BV"] * bl["BV"]))
+    buf = torch.empty(N * cols, dtype=h.dtype, device=h.device)
     dh = torch.zeros(N, D, device=h.device) if need_dh else None
-    dw = dw_out if dw_out is not None else torch.zeros(V, D, device=w.device) if need_dw else None  # fp32 atomics
-    b, ent = (b, ent) if b is not None else (torch.zeros_like(a), torch.zeros_like(a))
-    grid = (-(-N // bl["BN"]), -(-V // bl["BV"]))  # row blocks vary fastest: concurrent programs share a W tile
-    bwd[grid](h, w, lse, ent, a, b, dh if need_dh else a, dw if need_dw else a, N, V, D, inv_t, **bl,
-              PREC=_prec(h), NEED_DH=need_dh, NEED_DW=need_dw)
+    write = dw_out is None and w_dtype == w.dtype  # each chunk of dW written once, in w's dtype; else added in fp32
+    dw = dw_out if dw_out is not None else torch.empty(w.shape, dtype=w_dtype, device=w.device) if write else \
+        torch.zeros(w.shape, dtype=w_dtype, device=w.device) if need_dw else None
+    beta, logsigmoid, zy, qw = gem or (1.0, False, None, None)
+    e = qw if gem else ent if b is not None else a  # a placeholder where unused
+    for v0 in range(0, V, cols):
+        wc = w[v0:v0 + cols]
+        dz = buf[:N * len(wc)].view(N, len(wc))
+        dz_kernel[(-(-N // bl["BN"]), -(-len(wc) // bl["BV"]))](
+            h, wc, y - v0 if v0 else y, lse, a, b if b is not None else a, e, zy if logsigmoid else a, dz, N, len(wc), D,
+            inv_t, 1.0 / beta, **bl, PREC=_prec(h), HAS_B=b is not None, GEM=gem is not None, LOGSIG=logsigmoid)
+        if need_dh:
+            _addmm32(dh, dz, wc)
+        if need_dw:
+            if write:
+                torch.mm(dz.T, h, out=dw[v0:v0 + len(wc)])
+            else:
+                _addmm32(dw[v0:v0 + len(wc)], dz.T, h)
     return dh, dw
+
+
+def _compute_pair(h, w):
+    """(h, w) in the dtype the tiles are computed in, contiguous. Both in w's dtype, except fp32 rows with 16-bit
+    hidden states (a vocabulary-parallel head under bf16 mixed precision: FSDP casts only the parameters it manages):
+    both 16-bit, as the layers compute. On an H200 the fp32 tiles took 11-17x the bf16 ones (bench/gpu_check.py)."""
+    dt = h.dtype if w.dtype == torch.float32 and h.dtype in (torch.bfloat16, torch.float16) else w.dtype
+    return h.to(dt).contiguous(), w.to(dt).contiguous()
+
+
+def _addmm32(out, x, y):
+    """out (fp32) += x @ y with fp32 accumulation; 16-bit x, y on CUDA stay 16-bit (cuBLAS out_dtype, torch >= 2.8)."""
+    if out.is_cuda and x.dtype != torch.float32:
+        torch.addmm(out, x, y, out_dtype=torch.float32, out=out)
+    else:
+        out.addmm_(x.float(), y.float())
 
 
 def _prec(h):

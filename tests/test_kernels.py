@@ -161,17 +161,53 @@ def test_no_entropy_leading_dims_and_impl_override(monkeypatch):
 
 # ----------------------------------------------------------------------------- triton
 
+def gem_errors(impl, N, D, V, beta, h, dtype=torch.float32, device="cpu"):
+    """token_gem's loss, CE, entropy and both gradients against GEM's formula on full float64 logits (written here:
+    sum_v q_v w_v (log p_v - log p_y), q = softmax(z / beta) and w constant), as errors() does for log-probs."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, D, generator=g).to(device, dtype).requires_grad_()
+    w = (torch.randn(V, D, generator=g) * 0.5).to(device, dtype).requires_grad_()
+    y = torch.randint(0, V, (N,), generator=g).to(device)
+    y[::5] = -100
+    up = torch.randn(N, generator=g).to(device)
+    loss, ce, ent = K.token_gem(x, w, y, beta, h, impl=impl)
+    (loss * up).sum().backward()
+    ok = y != -100
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    z = xd[ok] @ wd.T
+    logp, zy = z.log_softmax(-1), z.gather(1, y[ok][:, None])
+    q = (z / beta).softmax(-1).detach()
+    wt = torch.sigmoid((z - zy) / 100).detach() if h == "logsigmoid" else 1.0
+    ref = (q * wt * (logp - logp.gather(1, y[ok][:, None]))).sum(-1)
+    (ref * up[ok].double()).sum().backward()
+    refs = (ref, -logp.gather(1, y[ok][:, None])[:, 0], -(logp.exp() * logp).sum(-1), xd.grad[ok], wd.grad)
+    assert (loss[~ok] == 0).all() and (x.grad[~ok] == 0).all()
+    names = ("loss", "ce", "ent", "dh", "dw")
+    return {k: ((a.double() - r).abs() / (1 + r.abs())).max().item()
+            for k, a, r in zip(names, (loss[ok], ce[ok], ent[ok], x.grad[ok], w.grad), refs)}
+
+
+GEM_CASES = {"gem-linear-b0.7": (29, 16, 1001, 0.7, "linear"), "gem-logsigmoid-b0.5": (29, 16, 1001, 0.5, "logsigmoid")}
+
+
 def _triton_errors(case):
+    """Small tiles, and a dz buffer of one tile's width: several row blocks, vocabulary tiles, splits and dz chunks."""
     name, frozen = case.split("/") if "/" in case else (case, None)
-    saved = dict(K.TRITON_BLOCKS)
-    K.TRITON_BLOCKS.update(BN=BLOCKS[name][0], BV=BLOCKS[name][1], BD=16)
+    saved, dz = dict(K.TRITON_BLOCKS), K.TRITON_DZ_ELEMS
+    rows, cols = BLOCKS.get(name, (16, 128))
+    K.TRITON_BLOCKS.update(BN=rows, BV=cols, BD=16)
+    K.TRITON_DZ_ELEMS = 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return errors("triton", *CASES[name], device="cuda" if torch.cuda.is_available() else "cpu", frozen=frozen)
+        if name in GEM_CASES:
+            return gem_errors("triton", *GEM_CASES[name], device=device)
+        return errors("triton", *CASES[name], device=device, frozen=frozen)
     finally:
         K.TRITON_BLOCKS.update(saved)
+        K.TRITON_DZ_ELEMS = dz
 
 
-TRITON_CASES = list(CASES) + ["V1001-T1/h", "V1001-T1/w"]  # + each input frozen in turn
+TRITON_CASES = list(CASES) + ["V1001-T1/h", "V1001-T1/w"] + list(GEM_CASES)  # + each input frozen in turn, GEM
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +234,56 @@ def test_gpu_bf16_vs_fp32_reference(impl):
     err = errors(impl, 300, 256, 50257, 0.7, dtype=torch.bfloat16, device="cuda")
     assert err["logp"] < 1e-3 and err["ent"] < 1e-3, err  # bf16 inputs, fp32 accumulation
     assert err["dh"] < 2e-2 and err["dw"] < 2e-2, err  # dz goes through bf16 into the grad matmuls
+
+
+@pytest.mark.parametrize("case", GEM_CASES)
+def test_gem_chunked_matches_reference(case, monkeypatch):
+    monkeypatch.setattr(K, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(K, "CHUNK_COLS", 128)
+    err = gem_errors("chunked", *GEM_CASES[case])
+    assert max(err.values()) < TOL, err
+
+
+def test_gem_reference_rejects_cross_entropy():
+    """The GEM formula above is not cross-entropy's for beta < 1: the same check on CE's per-token loss fails."""
+    orig = K.token_gem
+    try:
+        K.token_gem = lambda x, w, y, beta, h, impl: (-K.token_logprobs(x, w, y, impl="chunked")[0],) * 3
+        err = gem_errors("chunked", *GEM_CASES["gem-linear-b0.7"])
+    finally:
+        K.token_gem = orig
+    assert err["dh"] > 1e-2, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("h", ["linear", "logsigmoid"])
+def test_gpu_gem_bf16(h):
+    """Triton's GEM on bf16 inputs (fp32 statistics, dz through bf16) against the float64 formula."""
+    err = gem_errors("triton", 300, 256, 50257, 0.7, h, dtype=torch.bfloat16, device="cuda")
+    assert err["loss"] < 1e-3 and err["ce"] < 1e-3 and err["ent"] < 1e-3, err
+    assert err["dh"] < 2e-2 and err["dw"] < 2e-2, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_hidden_fp32_weight():
+    """A vocabulary-parallel head under bf16 mixed precision: bf16 hidden states, fp32 rows. Triton computes the tiles
+    in bf16 (kernels._compute_pair) and returns dW in fp32 (the Triton interpreter mishandles bf16: GPU only)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 256, generator=g).to("cuda", torch.bfloat16).requires_grad_()
+    w = (torch.randn(50257, 256, generator=g) * 0.5).cuda().requires_grad_()
+    y = torch.randint(0, 50257, (300,), generator=g).cuda()
+    a, b = torch.randn(300, generator=g).cuda(), torch.randn(300, generator=g).cuda()
+    got = []
+    for fn in (lambda: K.token_logprobs(h, w, y, 0.7, impl="triton"),
+               lambda: naive(h.detach().double().requires_grad_(), w.detach().bfloat16().double(), y, 0.7)):
+        logp, ent = fn()
+        ((logp * a).sum() + (ent * b).sum()).backward()
+        got.append((logp.detach(), ent.detach()))
+    assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
+    for x, r in zip(got[0], got[1]):
+        assert ((x.double() - r).abs() / (1 + r.abs())).max() < 1e-3
 
 
 @pytest.mark.gpu
