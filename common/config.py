@@ -69,11 +69,10 @@ def cli(cls, argv=None):
     """tyro.cli(cls), plus `--config RUN/args.json`: a run's saved arguments become the defaults and the flags on
     the command line override them, so `torchrun ... grpo.py --config runs/grpo/args.json --seed 1` replays a run
     with one change. Keys starting with "_" (provenance: world size, git commit, versions) are not arguments."""
-    import tyro
     argv = list(sys.argv[1:] if argv is None else argv)
     at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
     if at is None:
-        return tyro.cli(cls, args=argv)
+        return _tyro_cli(cls, args=argv)
     path = argv[at].partition("=")[2] or (argv[at + 1] if at + 1 < len(argv) else "")
     del argv[at:at + (1 if "=" in argv[at] else 2)]
     try:
@@ -84,7 +83,37 @@ def cli(cls, argv=None):
     if unknown := sorted(set(saved) - set(names)):
         _usage_error(f"--config {path}: {', '.join(unknown)} are not arguments of {cls.__module__}.py")
     default = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-    return tyro.cli(cls, args=argv, default=default)
+    return _tyro_cli(cls, args=argv, default=default)
+
+
+def _tyro_cli(cls, **kw):
+    """tyro.cli, with a bad flag or value as one `error:` line (tyro draws a box of 5-12 lines on stderr): the box's
+    first paragraph, e.g. "error: Unrecognized options: --nope (grpo.py --help lists the flags)". --help is untouched
+    (stdout)."""
+    import io
+    import tyro
+    box = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(box):
+            return tyro.cli(cls, **kw)
+    except SystemExit as e:
+        if e.code in (0, None):
+            sys.stderr.write(box.getvalue())
+            raise
+        _usage_error(f"{_box_message(box.getvalue())} ({Path(sys.argv[0]).name} --help lists the flags)")
+
+
+def _box_message(text):
+    """The first paragraph of a tyro error box (its title line and border dropped), as one line."""
+    body = []
+    for line in text.splitlines()[1:]:
+        x = line.strip().strip("│╭╮╰╯").strip()
+        if set(x) <= set("─ ") or x.startswith("For full helptext"):  # a rule: the first paragraph ends
+            if body:
+                break
+            continue
+        body.append(x)
+    return " ".join(body) or " ".join(text.split()) or "bad command line"
 
 
 class InputError(ValueError):
@@ -108,11 +137,26 @@ def one_line_errors():
     except InputError as e:
         if not e.every_rank:
             print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(2)
-        _usage_error(str(e))
+            _exit_quietly(2)
+        _usage_error(str(e), quiet_exit=True)
 
 
-def _usage_error(message):
+def _usage_error(message, quiet_exit=False):
     from common.dist import print0
     print0(f"error: {message}", file=sys.stderr)
+    if quiet_exit:
+        _exit_quietly(2)
     raise SystemExit(2)
+
+
+def _exit_quietly(code):
+    """End this rank after its `error:` line so that the line stays the rank's last output: the exit handlers run (the
+    reward pool, loggers), then the process ends without interpreter finalization, whose teardown of an engine or a
+    process group left mid-run can print warnings or tracebacks after the error (no collective here: the other
+    ranks may be anywhere)."""
+    import atexit
+    import os
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

