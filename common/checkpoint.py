@@ -25,6 +25,7 @@ checks it against the flags before any work, so that no run is lost, mixed up or
             break  # a signal: checkpoint written, status.json "stopped"; skip export/eval, dist.cleanup(), exit 0
 """
 import json
+import math
 import os
 import random
 import re
@@ -32,6 +33,7 @@ import shutil
 import signal
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from common.config import InputError  # refusals are one `error:` line, exit 2 (every rank decides the same)
+from common.dist import all_reduce
 
 META = "meta.json"
 _NAME = re.compile(r"step_(\d+)")
@@ -56,10 +59,7 @@ def _barrier():
 
 def _max(x):
     """Max of a python number over ranks (the number itself without a process group)."""
-    if not dist.is_initialized():
-        return float(x)
-    from common.dist import all_reduce
-    return all_reduce(float(x), "max")
+    return all_reduce(float(x), "max") if dist.is_initialized() else float(x)
 
 
 def _fsync_dir(path):
@@ -372,17 +372,18 @@ def resumed_ref(state, ref):
 
 
 def save_or_stop(step, total, save_every, run_dir, model, optimizer, stop, guard, extra=None, keep_last=2,
-                 export=None, name="trainer"):
+                 tokenizer=None, name="trainer"):
     """The end of every training step (collective): checkpoint `step` every `save_every` steps (0: never
     on a schedule), at the last step and when a stop signal came, unless the last steps were non-finite
-    (the checkpoint before them stays the newest). export = (tokenizer,) also writes an HF folder inside the
-    checkpoint. After a stop's checkpoint (and the last step's) rank 0 writes run_dir/status.json, state
-    "stopped" ("trained"). Returns True when the run must stop now (a signal: the caller exits 0 after cleanup)."""
+    (the checkpoint before them stays the newest). With a tokenizer (--export-every-save) it also writes an HF
+    folder inside the checkpoint. After a stop's checkpoint (and the last step's) rank 0 writes run_dir/status.json,
+    state "stopped" ("trained"). Returns True when the run must stop now (a signal: the caller exits 0 after
+    cleanup)."""
     stopping = stop.should_stop()
     if ((save_every and step % save_every == 0) or step == total or stopping) and not guard.consecutive:
         path = save(run_dir, step, model, optimizer, extra=extra, keep_last=keep_last)
-        if export:
-            export_hf(model, export[0], path / "hf", _rank_world()[0] == 0)
+        if tokenizer is not None:
+            export_hf(model, tokenizer, path / "hf", _rank_world()[0] == 0)
     if (stopping or step == total) and _rank_world()[0] == 0:
         ckpt = latest(run_dir)
         sig = signal.Signals(stop.signum).name if stop.signum else "on another rank"
@@ -454,6 +455,22 @@ class BadStepGuard:
             raise RuntimeError(f"{self.consecutive} consecutive non-finite steps (loss/grad norm); last good "
                                f"checkpoint: {last or 'none'} ({self.total} non-finite steps in this run)")
         return False
+
+
+@contextmanager
+def nan_outputs(model, active=True):
+    """Fault injection (--inject-nan, tests): inside the block every floating-point output of model's forward is
+    NaN, so the loss and the gradients built from it are NaN for real, and BadStepGuard must skip the step. A
+    forward hook, so the training code a reader studies carries no test plumbing. active=False: does nothing."""
+    if not active:
+        yield
+        return
+    nan = lambda o: o * math.nan if torch.is_tensor(o) and o.is_floating_point() else o
+    handle = model.register_forward_hook(lambda m, i, out: tuple(map(nan, out)) if isinstance(out, tuple) else nan(out))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def export_hf(model, tokenizer, out_dir, main=True, prefix="lm."):

@@ -15,6 +15,7 @@ import raftpp
 import reinforce_rej
 import remax
 from common import checkpoint, losses, model as M
+from common.batch import Batch
 from grpo import group_advantages
 from raftpp import raft_advantages
 from reinforce_rej import reject_advantages
@@ -155,7 +156,8 @@ def _batch(B=6, T=6, V=11, seed=0):
     mask = (targets != -100).float()
     adv = torch.where(torch.arange(B)[:, None] % 3 == 0, 0.0, torch.randn(B, 1, generator=g)).expand(B, T) * mask
     return dict(ids=ids, attn=torch.ones_like(ids), targets=targets, mask=mask, adv=adv,
-                in_loss=torch.ones(B, dtype=torch.bool), old_logp=None, ref_logp=None)
+                in_loss=torch.ones(B, dtype=torch.bool), engine_logp=torch.zeros_like(mask), old_logp=None,
+                ref_logp=None)
 
 
 def _reference_loss(policy, b, rows, args, loss_rows, old_logp):
@@ -183,12 +185,10 @@ def _args(module, **kw):
 
 
 def _run_update(module, args, b, policy, lr=0.1):
+    """module.rl_update on a copy of batch b with plain SGD; returns the pi_old it used."""
     opt = torch.optim.SGD(policy.parameters(), lr=lr)
-    bb = type("B", (), {})()
-    for k, v in b.items():
-        setattr(bb, k, v.clone() if torch.is_tensor(v) else v)
-    module.rl_update(policy, opt, checkpoint.BadStepGuard(5), bb, args)
-    return bb
+    batch = Batch(**{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()})
+    return module.rl_update(policy, opt, checkpoint.BadStepGuard(5), batch, args)[1]
 
 
 def _sgd_reference(b, args, loss_rows, chunks, old_logp, lr=0.1, seed=0):
@@ -234,14 +234,14 @@ def test_mini_batches_in_order_one_epoch_and_off_policy_ratios():
     args = _args(grpo, mini_batches=3)
     policy = Toy()
     b["old_logp"] = _logp(policy, b, args.temperature)
-    out = _run_update(grpo, args, b, policy, lr=0.5)
+    old = _run_update(grpo, args, b, policy, lr=0.5)
     ref = _sgd_reference(b, args, b["in_loss"], torch.arange(6).split(2), b["old_logp"], lr=0.5)
     for p, q in zip(policy.parameters(), ref.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
     shuffled = _sgd_reference(b, args, b["in_loss"], [torch.tensor([4, 1]), torch.tensor([0, 5]), torch.tensor([3, 2])],
                               b["old_logp"], lr=0.5)
     assert not all(torch.allclose(p, q, atol=1e-5) for p, q in zip(policy.parameters(), shuffled.parameters()))
-    assert torch.equal(out.old_logp, b["old_logp"])  # pi_old is not touched off-policy
+    assert torch.equal(old, b["old_logp"])  # off-policy, pi_old is the rollout's
     for module in TRAINERS.values():
         a = module.Args()
         assert a.ppo_epochs == 1 and not a.shuffle and a.mini_batches >= 1
@@ -249,17 +249,17 @@ def test_mini_batches_in_order_one_epoch_and_off_policy_ratios():
 
 def test_on_policy_shortcut_equals_a_separate_old_logprob_pass():
     """One mini-batch, one epoch: pi_old is the current policy, so the update's own (detached) forward gives the
-    same update as a separate no-grad pass, one forward fewer; b.old_logp is filled in for the log."""
+    same update as a separate no-grad pass, one forward fewer; rl_update returns it (for the log)."""
     b = _batch()
     b["ref_logp"] = _logp(Toy(seed=7), b, 0.9)
     args = _args(grpo)
     p1, p2 = Toy(), Toy()
     separate = dict(b, old_logp=_logp(p2, b, args.temperature))
-    out = _run_update(grpo, args, b, p1)  # old_logp None
+    old = _run_update(grpo, args, b, p1)  # old_logp None
     _run_update(grpo, args, separate, p2)
     for p, q in zip(p1.parameters(), p2.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
-    assert torch.allclose(out.old_logp, separate["old_logp"], atol=1e-6)
+    assert torch.allclose(old, separate["old_logp"], atol=1e-6)
 
 
 def test_raft_no_clip_update_is_sft_on_the_selected():
