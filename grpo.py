@@ -208,7 +208,7 @@ def main(args: Args):
         kl_pen = args.kl_coef * losses.kl(old_logp, ref_logp, "k1") if kl_reward else None  # beta k1_t, pi_old
         r_tok = losses.token_rewards(r, mask, kl_pen)  # the outcome on the last token, - beta k1_t (as verl)
         t["logprob"] = time.time()
-        # 3. ALGO LOGIC: advantages A [B, T] and the rows whose tokens count in the loss
+        # 3. ALGO LOGIC: advantages A [P, n] or [B, T] and the rows whose tokens count in the loss
         # --- algorithm ---
         adv = group_advantages(r_tok.sum(-1).view(P, n), not args.no_std_norm)
         in_loss = torch.ones(len(ids), dtype=torch.bool, device=d.device)
@@ -224,6 +224,9 @@ def main(args: Args):
         m = rl_step_metrics(b, old_logp, rewards=r, samples=samples, update=upd, times=t, args=args, world=d.world,
                             gen_tokens=gen_tokens, rounds=rounds, kept=len(collected), reward_failures=reward_failures)
         m |= {"bad_steps": guard.total, "lr": get_lr(step, args)}
+        # the algorithm's own quantities, into the log (its paper's; every algorithm here logs the shared ones above)
+        # --- algorithm ---
+        # --- end algorithm ---
         log.log(step + 1, {f"train/{k}": v for k, v in m.items()},
                 ["train/reward", "train/entropy", "train/kl_ref", "train/clip_frac", "train/time_update"])
         log_samples(log, step + 1, prompts, samples, r.flatten().tolist())  # -> samples.jsonl

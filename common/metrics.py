@@ -82,7 +82,7 @@ def rl_step_metrics(b: Batch, old_logp, *, rewards, samples, update, times, args
             "nonzero_adv": (((b.adv * b.mask).abs().sum(-1) > 0).sum().item(), B),  # responses with a gradient
             "in_loss": (b.in_loss.sum().item(), B), "response_len": (n_tok, B),
             "truncated": (sum(s.finish == "length" for s in samples), B),
-            "zero_var_groups": ((rewards.std(1) == 0).sum().item(), P), "entropy": (update["entropy"], n_tok),
+            "zero_var_groups": ((rewards == rewards[:, :1]).all(1).sum().item(), P), "entropy": (update["entropy"], n_tok),
             "logprob_gap": ((b.engine_logp - old_logp).abs()[on].sum().item(), n_tok),  # engine vs trainer
             "tis_ratio_mean": (ratio.sum().item(), n_tok),
             "tis_capped": ((ratio > (args.tis_cap or 2.0)).sum().item(), n_tok),

@@ -218,3 +218,24 @@ def test_stop_flag_signals():
             time.sleep(1)
     finally:
         stop.restore()
+
+
+def test_nan_outputs_makes_a_real_nan_step_the_guard_skips():
+    """--inject-nan: inside checkpoint.nan_outputs the model's outputs are NaN (tuples too), so the loss and the
+    gradients are NaN for real and the guard skips the step; outside it, and with active=False, nothing changes."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    with checkpoint.nan_outputs(model, active=False):
+        assert torch.isfinite(model(x)).all()
+    with checkpoint.nan_outputs(model):
+        loss = model(x).sum()
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    assert not math.isfinite(gn.item()) and not checkpoint.BadStepGuard(3).check(math.isfinite(gn.item()))
+    assert torch.isfinite(model(x)).all()  # the hook is gone
+    pair = torch.nn.Module()
+    pair.forward = lambda x: (x * 2, x.long(), "text")
+    with checkpoint.nan_outputs(pair):
+        a, ids, text = pair(torch.ones(2))  # the module's __call__ runs the hook
+    assert torch.isnan(a).all() and ids.dtype == torch.long and text == "text"
