@@ -178,6 +178,8 @@ def main(args: Args):
     is_eval = lambda s: (args.eval_every and s % args.eval_every == 0) or s == args.steps
 
     def run_eval(step):
+        if not args.eval_k:  # --eval-k 0: no held-out evaluation
+            return
         ev = evaluate(engine, eval_rows, tok, k=args.eval_k, temperature=args.eval_temperature,
                       max_new_tokens=args.max_new_tokens, seed=10_000 + step, rank=d.rank, world=d.world)
         log.log(step, {f"eval/{k}": v for k, v in ev.items()}, ["eval/pass@1", f"eval/pass@{args.eval_k}"])
