@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from common import checkpoint, config, data, dist, model as M
+from common import checkpoint, config, data, dist, guards, model as M
 from common.config import RunArgs
 from common.evaluate import evaluate
 from common.kernels import token_gem, token_logprobs
@@ -106,7 +106,7 @@ def main(args: Args):
                             weight_decay=args.weight_decay, fused=True)
     steps_per_epoch = len(train) // args.batch_size
     total = args.max_steps or args.epochs * steps_per_epoch
-    stop, guard = checkpoint.StopFlag(), checkpoint.BadStepGuard(args.max_bad_steps, out)
+    stop, guard = guards.StopFlag(), guards.BadStepGuard(args.max_bad_steps, out)
     start = 0
     if ckpt:
         start = checkpoint.resume(ckpt, policy, opt)["step"]
@@ -135,7 +135,7 @@ def main(args: Args):
                 # --- end algorithm ---
                 return loss.sum(), ce.sum(), ent.sum()
 
-            with checkpoint.nan_outputs(policy, step + 1 in args.inject_nan):  # fault injection (tests): a NaN loss
+            with guards.nan_outputs(policy, step + 1 in args.inject_nan):  # fault injection (tests): a NaN loss
                 loss_sum, ce_sum, ent_sum = policy(ids, mask, head)
             # FSDP averages gradients over ranks; scale by world so the result is the global token-mean
             (loss_sum / n_tokens * d.world).backward()

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from common import checkpoint, config, data, dist, losses, model as M, rewards
+from common import checkpoint, config, data, dist, guards, losses, model as M, rewards
 from common.batch import Batch, engine_logprobs
 from common.config import RunArgs
 from common.evaluate import evaluate
@@ -144,7 +144,7 @@ def main(args: Args):
                     gpu_memory_utilization=args.gpu_memory_utilization, trust_remote_code=args.trust_remote_code,
                     max_seqs=max(P * (n + args.extra_samples), -(-args.eval_size // d.world) * args.eval_k),
                     dtype=args.engine_dtype)
-    stop, guard, start = checkpoint.StopFlag(), checkpoint.BadStepGuard(args.max_bad_steps, out), 0
+    stop, guard, start = guards.StopFlag(), guards.BadStepGuard(args.max_bad_steps, out), 0
     if ckpt:
         st = checkpoint.resume(ckpt, policy, opt)
         start, ref = st["step"], checkpoint.resumed_ref(st, ref)
@@ -218,7 +218,7 @@ def main(args: Args):
         b = Batch(ids, attn, targets, mask, adv=adv.reshape(len(ids), -1).expand_as(mask) * mask, in_loss=in_loss,
                   engine_logp=engine_logprobs(samples, mask), old_logp=old_logp, ref_logp=ref_logp)
         # 4. policy update, then push the new weights into the engine (streamed shard by shard)
-        with checkpoint.nan_outputs(policy, step + 1 in args.inject_nan):  # fault injection (tests): a NaN loss
+        with guards.nan_outputs(policy, step + 1 in args.inject_nan):  # fault injection (tests): a NaN loss
             upd, old_logp = rl_update(policy, opt, guard, b, args, d.world)
         t["update"] = time.time()
         engine.sync(dist.full_state_items(policy))

@@ -18,7 +18,7 @@ import grpo
 import gspo
 import raftpp
 import rloo
-from common import checkpoint, losses, model as M
+from common import guards, losses, model as M
 from common.batch import Batch
 from grpo import group_advantages
 from raftpp import raft_advantages
@@ -335,7 +335,7 @@ def _run_update(module, args, b, policy, lr=0.1):
     """module.rl_update on a copy of batch b with plain SGD; returns the pi_old it used."""
     opt = torch.optim.SGD(policy.parameters(), lr=lr)
     batch = Batch(**{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()})
-    return module.rl_update(policy, opt, checkpoint.BadStepGuard(5), batch, args)[1]
+    return module.rl_update(policy, opt, guards.BadStepGuard(5), batch, args)[1]
 
 
 def _sgd_reference(b, args, loss_rows, chunks, old_logp, lr=0.1, seed=0):
