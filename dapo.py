@@ -44,8 +44,8 @@ class Args(RunArgs):  # + the run, data, evaluation and checkpoint flags of comm
     def __post_init__(self):  # parse-time checks of DAPO's flags, after the shared ones: one `error:` line
         super().__post_init__()
         if not 0 <= self.overlong_buffer <= self.max_new_tokens or self.max_gen_rounds < 0:
-            raise config.InputError(f"--overlong-buffer {self.overlong_buffer} must be in [0, --max-new-tokens "
-                                    f"{self.max_new_tokens}], --max-gen-rounds {self.max_gen_rounds} >= 0")
+            self.flag_error(f"--overlong-buffer {self.overlong_buffer} must be in [0, --max-new-tokens "
+                            f"{self.max_new_tokens}], --max-gen-rounds {self.max_gen_rounds} >= 0")
     # --- end algorithm ---
     n_samples: int = 8                   # n: responses per prompt (a group)
     prompts_per_step: int = 32           # P: prompts per RL step, all ranks together (divisible by the world size)

@@ -69,6 +69,12 @@ class RunArgs:
             _usage_error(f"--n-samples {self.n_samples}: this algorithm needs groups of at least {self.min_samples} "
                          f"responses (one response has no group variance: every advantage would be 0)")
 
+    @staticmethod
+    def flag_error(message):
+        """A bad flag found while the command line is parsed, here or in a trainer's own __post_init__ (DAPO's): one
+        `error:` line (rank 0) and exit code 2. (An exception would reach tyro, which draws a box around it.)"""
+        _usage_error(message)
+
 
 def cli(cls, argv=None):
     """tyro.cli(cls), plus `--config RUN/args.json`: a run's saved arguments become the defaults and the flags on
