@@ -144,6 +144,22 @@ def test_two_steps_update_exactly_when_there_is_signal(cold_start, tmp_path, tra
 
 
 @pytest.mark.slow
+def test_dapo_stops_at_the_round_cap_with_one_line_naming_the_flag(tmp_path):
+    """Dynamic sampling with --max-gen-rounds 1 from the untrained built-in model (its answers are all but never
+    right: its groups are all-equal, all 0). Whatever it drew: either a rank lacked groups with a signal after its one
+    round and the run stopped with one `error:` line that names the flag, or every trained group had one."""
+    out = tmp_path / "dapo"
+    r = _run("dapo.py", out, "--model", "tiny", *RL, "--steps", "1", "--eval-k", "0", "--save-every", "0",
+             "--max-gen-rounds", "1", ok=False)
+    if r.returncode == 0:
+        assert all(row["train/zero_var_groups"] == 0 for row in _metrics(out) if "train/loss" in row)
+        return
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("in --max-gen-rounds 1 rounds (0: no limit)" in e for e in errors), r.stderr[-3000:]
+    assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_grpo_step_with_a_real_vocabulary(tmp_path):
     """One GRPO step through vLLM on 2 ranks of a model with Qwen2.5's vocabulary (V = 151,936; hidden 64, 2 layers,
     random weights): the big-vocabulary paths (the fused log-prob head over 151,936 columns, the tied head's sync into
