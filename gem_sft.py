@@ -1,3 +1,4 @@
+# --- algorithm ---
 """GEM: diversity-preserving supervised fine-tuning (cold start for RL), with plain CE as `--loss ce`.
 
     torchrun --nproc_per_node 2 gem_sft.py                    # built-in task and model, CPU
@@ -9,6 +10,9 @@ no gradient, weights w (no gradient), loss = sum_v q_v w_v (log p_v - log p_y). 
 the logit gradient is q - e_y (CE's is p - e_y): beta = 1 is exactly cross-entropy, beta < 1 keeps
 the model's distribution flatter than the data's (reverse KL + entropy bonus of weight 1/beta - 1).
 """
+# --- end algorithm ---
+# A variant of this SFT is a copy edited inside the fenced "algorithm" regions, as the RL trainers' forks are of grpo.py
+# (tests/test_algorithms.py compares a fenced file that is not an RL trainer with this one outside the fences).
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -17,19 +21,23 @@ from typing import Literal
 
 import torch
 
-from common import checkpoint, config, data, dist, model as M
+from common import checkpoint, config, data, dist, guards, model as M
 from common.config import RunArgs
 from common.evaluate import evaluate
 from common.kernels import token_gem, token_logprobs
 from common.metrics import Logger
 from common.rollout import Engine, context_limit
 
+NAME = Path(__file__).stem
+
 
 @dataclass
 class Args(RunArgs):  # + the run, data, evaluation and checkpoint flags of common/config.py
+    # --- algorithm ---
     loss: Literal["gem", "ce"] = "gem"   # GEM or plain cross-entropy SFT
     gem_beta: float = 0.7                # q = softmax(z / beta); beta = 1 is CE
     gem_h: Literal["linear", "logsigmoid"] = "linear"  # weights w_v: 1, or sigmoid((z_v - z_y) / 100)
+    # --- end algorithm ---
     epochs: int = 2                      # passes over the training rows
     max_steps: int = 0                   # stop after this many optimizer steps (0 = all epochs)
     batch_size: int = 64                 # global sequences per optimizer step
@@ -52,6 +60,7 @@ class Args(RunArgs):  # + the run, data, evaluation and checkpoint flags of comm
     save_every: int = 100                # sharded checkpoint every N steps, at the end and on SIGTERM (0: only those)
 
 
+# --- algorithm ---
 def gem_loss(logits, targets, beta, h="linear"):
     """Per-token GEM loss sum_v q_v w_v (log p_v - log p_y); logits [n, V] fp32, targets [n]. The definition: the
     trainer computes the same loss and gradient without the [n, V] logits (kernels.token_gem; tests hold them equal)."""
@@ -61,6 +70,7 @@ def gem_loss(logits, targets, beta, h="linear"):
         q = (logits / beta).softmax(-1)
         w = torch.sigmoid((logits - logits.gather(-1, targets[:, None])) / 100) if h == "logsigmoid" else 1.0
     return (q * w * (logp - logp_y)).sum(-1), -logp_y[:, 0]
+# --- end algorithm ---
 
 
 def get_lr(step, total, args):
@@ -82,14 +92,13 @@ def encode(rows, tok):
 
 def main(args: Args):
     d = dist.setup(args.seed)
-    out = Path(args.out_dir or f"runs/gem_sft-{args.loss}")
-    out.mkdir(parents=True, exist_ok=True)
+    (out := Path(args.out_dir or f"runs/{NAME}-{args.loss}")).mkdir(parents=True, exist_ok=True)
     lm, tok = M.load(args.model, trust_remote_code=args.trust_remote_code)
     train_rows, eval_rows = data.load_split(args, tok, context_limit(M.resolve(args.model), args.max_len, args.trust_remote_code))
     train = encode(train_rows, tok)
-    dist.print0(f"[gem_sft] {M.count_params(lm) / 1e6:.2f}M params, {len(train)} train / {len(eval_rows)} "
+    dist.print0(f"[{NAME}] {M.count_params(lm) / 1e6:.2f}M params, {len(train)} train / {len(eval_rows)} "
                 f"held-out rows, world {d.world}, device {d.device}, loss {args.loss}")
-    ckpt = checkpoint.prepare_run(out, args, "gem_sft")  # refuses a run folder/flags that would lose or mix up a run
+    ckpt = checkpoint.prepare_run(out, args, NAME)  # refuses a run folder/flags that would lose or mix up a run
 
     policy = dist.wrap_fsdp(M.WithHead(lm), M.decoder_layers(lm), d.device, vocab_parallel=args.vocab_parallel)
     # fused: one in-place kernel, no temporaries the size of a parameter (0.5 GiB for a 0.5B model's embedding)
@@ -97,12 +106,12 @@ def main(args: Args):
                             weight_decay=args.weight_decay, fused=True)
     steps_per_epoch = len(train) // args.batch_size
     total = args.max_steps or args.epochs * steps_per_epoch
-    stop, guard = checkpoint.StopFlag(), checkpoint.BadStepGuard(args.max_bad_steps, out)
+    stop, guard = guards.StopFlag(), guards.BadStepGuard(args.max_bad_steps, out)
     start = 0
     if ckpt:
         start = checkpoint.resume(ckpt, policy, opt)["step"]
-        dist.print0(f"[gem_sft] resumed from {ckpt} at step {start}")
-    log = Logger(out, total, d.main, None if args.track == "none" else args.track, out.name, asdict(args), start)
+        dist.print0(f"[{NAME}] resumed from {ckpt} at step {start}")
+    log = Logger(out, total, main=d.main, track=args.track, run_name=out.name, config=asdict(args), start_step=start)
 
     for step in range(start, total):
         t0, epoch = time.time(), step // steps_per_epoch
@@ -120,14 +129,14 @@ def main(args: Args):
                 if args.loss == "ce":
                     logp, ent = token_logprobs(hidden[sel], weight, targets[sel])
                     return -logp.sum(), -logp.detach().sum(), ent.detach().sum()
-                # --- algorithm --- gem_loss (above) on the [tokens x vocab] logits, computed vocabulary tile by tile
+                # gem_loss (above) on the [tokens x vocab] logits, computed vocabulary tile by tile
+                # --- algorithm ---
                 loss, ce, ent = token_gem(hidden[sel], weight, targets[sel], args.gem_beta, args.gem_h)
                 # --- end algorithm ---
                 return loss.sum(), ce.sum(), ent.sum()
 
-            loss_sum, ce_sum, ent_sum = policy(ids, mask, head)
-            if step + 1 in args.inject_nan:
-                loss_sum = loss_sum * float("nan")
+            with guards.nan_outputs(policy, step + 1 in args.inject_nan):  # fault injection (tests): a NaN loss
+                loss_sum, ce_sum, ent_sum = policy(ids, mask, head)
             # FSDP averages gradients over ranks; scale by world so the result is the global token-mean
             (loss_sum / n_tokens * d.world).backward()
             sums["loss"] += loss_sum.item(); sums["ce_loss"] += ce_sum.item(); sums["entropy"] += ent_sum.item()
@@ -142,12 +151,13 @@ def main(args: Args):
               "train/bad_steps": guard.total}
         if (args.log_every and step % args.log_every == 0) or step == total - 1 or not math.isfinite(grad_norm.item()):
             log.log(step + 1, m, ["train/loss", "train/ce_loss", "train/entropy", "train/grad_norm"])
-        if checkpoint.save_or_stop(step + 1, total, args.save_every, out, policy, opt, stop, guard,
-                                   keep_last=args.keep_last, export=args.export_every_save and (tok,), name="gem_sft"):
+        if checkpoint.save_or_stop(step + 1, total=total, save_every=args.save_every, run_dir=out, model=policy,
+                                   optimizer=opt, stop=stop, guard=guard, keep_last=args.keep_last, name=NAME,
+                                   tokenizer=tok if args.export_every_save else None):
             return dist.cleanup()
 
     hf_dir = checkpoint.export_hf(policy, tok, out / "hf", d.main)
-    dist.print0(f"[gem_sft] saved {hf_dir}")
+    dist.print0(f"[{NAME}] saved {hf_dir}")
     if args.eval_k == 0:
         return dist.cleanup()
     engine = Engine(hf_dir, args.rollout, seed=args.seed, max_model_len=args.max_len,

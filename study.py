@@ -18,6 +18,7 @@ Stages (in the order they run; each job is one trainer or eval.py run, exactly a
   beta-rl    ReMax and GRPO from the beta = 0.5 cold start (the beta stage's best pass@k), as in rl and rleval
   epochs     CE and GEM at 1 and 4 epochs (the paper: CE loses diversity as epochs grow)
   long       GRPO vs RAFT++ vs Reinforce-rej from GEM over --long-steps (early lead, entropy, accuracy vs KL)
+  forks      RLOO, GSPO and DAPO from GEM, exactly as the long stage runs GRPO (same steps, evaluations, seeds)
   realism    CE and GEM with --wording-variety (answer-neutral variety in the demonstrations)
   realism-rl GRPO and ReMax from those
 A job is done when its folder holds `.study_done` (written after the run exits 0); a half-finished job is
@@ -38,7 +39,7 @@ import tyro
 from common.metrics import read
 
 ROOT = Path(__file__).resolve().parent
-STAGES = ("coldstart", "rl", "rleval", "remax", "realism", "beta", "realism-rl", "beta-rl", "epochs", "long")
+STAGES = ("coldstart", "rl", "rleval", "remax", "realism", "beta", "realism-rl", "beta-rl", "epochs", "long", "forks")
 
 # cold starts: name -> gem_sft.py flags (gem_sft's defaults otherwise: beta 0.7, linear h, wd 0.01, 2 epochs)
 COLD = {
@@ -137,10 +138,10 @@ def jobs(a):
             final_evals(stage, ["remax", "grpo"], ["gem-b0.5"])
         elif stage == "epochs":
             cold(stage, ["ce-e1", "gem-e1", "ce-e4", "gem-e4"])
-        elif stage == "long":
+        elif stage in ("long", "forks"):  # the forks' runs sit beside GRPO's in the long runs' table and figure
             long_steps, long_every = (2, 1) if a.quick else (a.long_steps, 10)
-            rl(stage, ["grpo", "raftpp", "reinforce_rej"], ["gem"], long_steps, long_every,
-               tag="-long")
+            rl(stage, ["grpo", "raftpp", "reinforce_rej"] if stage == "long" else ["rloo", "gspo", "dapo"], ["gem"],
+               long_steps, long_every, tag="-long")
         elif stage == "realism":
             cold(stage, ["ce-var", "gem-var"])
         elif stage == "realism-rl":
@@ -295,9 +296,33 @@ def report(a):
                                                      ["accuracy", "adv_mean", "adv_std", "nonzero_adv", "grad_norm",
                                                       "entropy"]) + f" | {fmt(kl, 4)} |")
         lines.append("")
+        lines += long_table(out, [n for n in rl if "-long-" in n])
     (out / "results.md").write_text("\n".join(lines) + "\n")
     figures(out, colds, rl)
     print(f"[study] wrote {out / 'results.md'}", flush=True)
+
+
+def long_table(out, names, every=20):
+    """The long runs (stages long and forks) as the README's longer-runs table: held-out pass@1 every `every` steps,
+    entropy and KL to pi_ref at the last step, training seconds (the sum of the trainers' time_* metrics: no start-up,
+    no evaluation) and the job's wall seconds, each mean ± std over the finished seeds."""
+    if not names:
+        return []
+    secs_path = Path(out) / "seconds.json"
+    secs = json.loads(secs_path.read_text()) if secs_path.exists() else {}
+    steps = sorted({s for name in names for s in curve(out, name, "eval/pass@1") if s % every == 0})
+    lines = ["## Long runs: held-out pass@1 (4 samples per prompt, T = 1), entropy and KL to π_ref at the end, seconds",
+             "", f"| run | pass@1 at step {' → '.join(map(str, steps))} | entropy end | KL to π_ref end | training s | "
+             "wall s |", "|---|---|---|---|---|---|"]
+    for name in names:
+        c, runs = curve(out, name, "eval/pass@1"), seeds_of(out, name).values()
+        train_s = [sum(v for r in read(p / "metrics.jsonl") for k, v in r.items() if k.startswith("train/time_"))
+                   for p in runs]
+        lines.append(f"| {name} | {' → '.join(fmt(c.get(s, [])) for s in steps)} | "
+                     f"{fmt([v[-1] for v in _per_seed(out, name, 'train/entropy') if v])} | "
+                     f"{fmt([v[-1] for v in _per_seed(out, name, 'train/kl_ref') if v], 4)} | {fmt(train_s, 0)} | "
+                     f"{fmt([secs.get(p.name) for p in runs], 0)} |")
+    return lines + [""]
 
 
 def _per_seed(out, prefix, key):

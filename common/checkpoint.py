@@ -1,5 +1,6 @@
-"""Checkpoints: sharded save/resume for exact continuation, stop on SIGTERM/SIGINT, a NaN-step guard,
-and the HF export of the trained model (safetensors, loadable by transformers and vLLM).
+"""Checkpoints and the run folder: sharded save/resume for exact continuation, the rules that keep a run folder
+from being lost, mixed up or silently restarted, status.json, and the HF export of the trained model (safetensors,
+loadable by transformers and vLLM). The signal and NaN-step guards a step ends with are in common/guards.py.
 
 Layout: run_dir/checkpoints/step_000123/ holds the torch.distributed.checkpoint (DCP) files of the model
 and optimizer (FSDP2 DTensors, each rank writes its shards), one rank_00000.pt per rank (scheduler,
@@ -13,7 +14,7 @@ The run folder also holds args.json (+ args.resume<k>.json), metrics.jsonl and s
 checks it against the flags before any work, so that no run is lost, mixed up or silently restarted.
 
     ckpt = checkpoint.prepare_run(out, args, "grpo")  # every rank (shared filesystem); None: a new run
-    stop, guard = checkpoint.StopFlag(), checkpoint.BadStepGuard(5, out)  # after dist.setup
+    stop, guard = guards.StopFlag(), guards.BadStepGuard(5, out)  # after dist.setup
     start = 0
     if ckpt:
         st = checkpoint.resume(ckpt, policy, opt); start, ref_shards = st["step"], st["extra"]["ref"]
@@ -52,14 +53,6 @@ def _rank_world():
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-def _max(x):
-    """Max of a python number over ranks (the number itself without a process group)."""
-    if not dist.is_initialized():
-        return float(x)
-    from common.dist import all_reduce
-    return all_reduce(float(x), "max")
 
 
 def _fsync_dir(path):
@@ -372,17 +365,18 @@ def resumed_ref(state, ref):
 
 
 def save_or_stop(step, total, save_every, run_dir, model, optimizer, stop, guard, extra=None, keep_last=2,
-                 export=None, name="trainer"):
+                 tokenizer=None, name="trainer"):
     """The end of every training step (collective): checkpoint `step` every `save_every` steps (0: never
     on a schedule), at the last step and when a stop signal came, unless the last steps were non-finite
-    (the checkpoint before them stays the newest). export = (tokenizer,) also writes an HF folder inside the
-    checkpoint. After a stop's checkpoint (and the last step's) rank 0 writes run_dir/status.json, state
-    "stopped" ("trained"). Returns True when the run must stop now (a signal: the caller exits 0 after cleanup)."""
+    (the checkpoint before them stays the newest). With a tokenizer (--export-every-save) it also writes an HF
+    folder inside the checkpoint. After a stop's checkpoint (and the last step's) rank 0 writes run_dir/status.json,
+    state "stopped" ("trained"). Returns True when the run must stop now (a signal: the caller exits 0 after
+    cleanup)."""
     stopping = stop.should_stop()
     if ((save_every and step % save_every == 0) or step == total or stopping) and not guard.consecutive:
         path = save(run_dir, step, model, optimizer, extra=extra, keep_last=keep_last)
-        if export:
-            export_hf(model, export[0], path / "hf", _rank_world()[0] == 0)
+        if tokenizer is not None:
+            export_hf(model, tokenizer, path / "hf", _rank_world()[0] == 0)
     if (stopping or step == total) and _rank_world()[0] == 0:
         ckpt = latest(run_dir)
         sig = signal.Signals(stop.signum).name if stop.signum else "on another rank"
@@ -405,55 +399,6 @@ def write_status(run_dir, state, step, checkpoint=None, signal_name=None):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, Path(run_dir) / "status.json")
-
-
-class StopFlag:
-    """The first SIGTERM/SIGINT sets a flag (the trainer finishes its step, saves and exits 0); a second
-    SIGINT raises KeyboardInterrupt. `should_stop()` is collective (max over ranks), so every rank stops
-    after the same step even when the signal reaches the ranks at different times. torchrun forwards
-    SIGTERM/SIGINT to the workers and SIGKILLs them after --shutdown-timeout seconds (default 30)."""
-
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-        self.signum = None
-        self._previous = {s: signal.signal(s, self._handle) for s in signals}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum  # no printing here: a signal handler must not re-enter stdout
-
-    def should_stop(self):
-        stop = _max(self.signum is not None) > 0
-        if stop and _rank_world()[0] == 0:
-            print(f"[checkpoint] stop requested ({signal.Signals(self.signum).name if self.signum else 'other rank'}):"
-                  f" saving and exiting", flush=True)
-        return stop
-
-    def restore(self):
-        """Put the previous signal handlers back."""
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-
-
-class BadStepGuard:
-    """Skip optimizer steps whose loss/grad norm is not finite on any rank (all ranks agree) and stop the
-    run after `max_bad_steps` consecutive ones. `check(finite)` is collective; True = take the step."""
-
-    def __init__(self, max_bad_steps=5, run_dir=None):
-        self.max_bad_steps, self.run_dir = max_bad_steps, run_dir
-        self.consecutive = self.total = 0
-
-    def check(self, finite):
-        if _max(not bool(finite)) == 0:
-            self.consecutive = 0
-            return True
-        self.consecutive += 1
-        self.total += 1
-        if self.consecutive >= self.max_bad_steps:
-            last = latest(self.run_dir) if self.run_dir is not None else None
-            raise RuntimeError(f"{self.consecutive} consecutive non-finite steps (loss/grad norm); last good "
-                               f"checkpoint: {last or 'none'} ({self.total} non-finite steps in this run)")
-        return False
 
 
 def export_hf(model, tokenizer, out_dir, main=True, prefix="lm."):

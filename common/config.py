@@ -3,11 +3,15 @@ trainer's own `Args(RunArgs)` dataclass, at the top of its file, adds the algori
 comment after each field as its --help text; a trainer re-declares a field to change its default)."""
 import contextlib
 import dataclasses
+import importlib.util
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from common.dist import print0
 
 
 @dataclass
@@ -46,8 +50,6 @@ class RunArgs:
     def __post_init__(self):
         """Checks that need no model or data, made as the command line is parsed: before any process group,
         model or engine starts, so a bad flag costs a second and prints one line (rank 0), exit code 2."""
-        import importlib.util
-        import os
         if self.track != "none" and importlib.util.find_spec(self.track) is None:
             _usage_error(f"--track {self.track} needs the optional {self.track} package: pip install {self.track}")
         world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets it before the script starts
@@ -60,9 +62,18 @@ class RunArgs:
         if rows and getattr(self, "mini_batches", 1) > rows:  # an empty mini-batch would crash in the forward
             _usage_error(f"--mini-batches {self.mini_batches}: each rank has only {rows} responses per step "
                          f"(--prompts-per-step {self.prompts_per_step} / {world} ranks x --n-samples {self.n_samples})")
+        if getattr(self, "tis_cap", 0) < 0:
+            _usage_error(f"--tis-cap {self.tis_cap}: the cap C of the weights min(pi_old / pi_engine, C) must be > 0 "
+                         f"(0 turns the correction off)")
         if getattr(self, "n_samples", 1) < getattr(self, "min_samples", 1):
             _usage_error(f"--n-samples {self.n_samples}: this algorithm needs groups of at least {self.min_samples} "
                          f"responses (one response has no group variance: every advantage would be 0)")
+
+    @staticmethod
+    def flag_error(message):
+        """A bad flag found while the command line is parsed, here or in a trainer's own __post_init__ (DAPO's): one
+        `error:` line (rank 0) and exit code 2. (An exception would reach tyro, which draws a box around it.)"""
+        _usage_error(message)
 
 
 def cli(cls, argv=None):
@@ -142,7 +153,6 @@ def one_line_errors():
 
 
 def _usage_error(message, quiet_exit=False):
-    from common.dist import print0
     print0(f"error: {message}", file=sys.stderr)
     if quiet_exit:
         _exit_quietly(2)

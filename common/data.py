@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import InputError
+from common.dist import print0
+from common.rewards import extract_answer
+
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 HELDOUT_SEED = 1234  # the held-out split is fixed: same problems for every run and every seed
 
@@ -234,7 +238,6 @@ def gold_answer(text):
     (MATH), else the text itself."""
     if "####" in text:
         return text.rsplit("####", 1)[1].strip().replace(",", "")
-    from common.rewards import extract_answer
     return extract_answer(text) or text.strip()
 
 
@@ -323,7 +326,6 @@ def load_split(args, tokenizer, max_len=None):
     try:
         return _load_split(args, tokenizer, max_len)
     except ValueError as e:  # a bad row or file: one `error:` line, exit code 2 (config.one_line_errors)
-        from common.config import InputError
         raise InputError(str(e)) from None
 
 
@@ -346,7 +348,6 @@ def _load_split(args, tokenizer, max_len):
               **limit_kwargs(args.max_len, max_len))
     rows, skipped = load_rows(args.data, **kw)
     if skipped:
-        from common.dist import print0
         print0(f"[data] skipped {skipped} bad rows of {args.data}")
     if getattr(args, "eval_data", None):
         kw["response_key"] = None

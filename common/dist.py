@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.vocab_parallel import shard_tied_embedding
+
 
 @dataclass
 class Dist:
@@ -95,7 +97,6 @@ def wrap_fsdp(model, layers, device, bf16=None, vocab_parallel=True):
     never gathered (common/vocab_parallel.py; FSDP ignores it); False: FSDP gathers it whole like the rest."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from common.vocab_parallel import shard_tied_embedding
     bf16 = device.type == "cuda" if bf16 is None else bf16
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     model.to(device)

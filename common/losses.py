@@ -1,5 +1,5 @@
-"""Losses shared by the RL trainers: the clipped policy loss, loss aggregation over the global batch,
-and the KL estimators. All per-token tensors are [B, T] with a 0/1 response mask."""
+"""Losses shared by the RL trainers: the clipped policy loss, the rollout-mismatch weights, loss aggregation over
+the global batch and the KL estimators. All per-token tensors are [B, T] with a 0/1 response mask."""
 from typing import Literal
 
 import torch
@@ -25,6 +25,16 @@ def policy_loss(logp, old_logp, adv, eps_low=0.2, eps_high=0.2, dual_clip=0.0, c
         loss = torch.where(adv < 0, bounded, loss)
         was_clipped = torch.where((adv < 0) & (loss < torch.maximum(unclipped, clipped)), 1.0, was_clipped)
     return loss, was_clipped
+
+
+def tis_weights(old_logp, engine_logp, cap):
+    """Truncated importance sampling for the rollout mismatch (Yao et al. 2025; verl's token-level rollout correction,
+    TRL's vllm_importance_sampling_correction). The engine samples from its own copy of the weights (another dtype,
+    other kernels), pi_engine != pi_old, so the clipped loss, written for samples of pi_old, is reweighted per token by
+        w_t = min(pi_old(a_t) / pi_engine(a_t), cap) = min(exp(log pi_old - log pi_engine), cap),   no gradient,
+    with the log-ratio clamped to +-20 (verl's safety bound) first. [B, T] -> [B, T]; 1 where both log-probs are 0
+    (off the response). Multiplies the policy loss only: the KL and entropy terms are not samples of pi_old."""
+    return torch.exp((old_logp - engine_logp).clamp(-20, 20)).clamp(max=cap).detach()
 
 
 def aggregate(loss, mask, mode, n_tokens, n_seqs, max_len=None):

@@ -8,6 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from common import losses
+from common.batch import Batch
+from common.dist import all_reduce, mean_metrics
+
 
 class Logger:
     def __init__(self, out_dir, total_steps, main=True, track=None, run_name=None, config=None, start_step=0):
@@ -57,30 +63,41 @@ class Logger:
         print(f"[{bar}] {step}/{self.total} {el:5.0f}s eta {eta:4.0f}s | {vals}", file=sys.stdout, flush=True)
 
 
-def rl_step_metrics(r, b, samples, upd, rstats, kl_tok, t, gen_tokens, world):
-    """One RL step's log: global means over ranks, each a named sum divided by a named count, in one
-    all-reduce. r [P, n] rewards; b the step's batch (mask, adv, old_logp, in_loss); upd rl_update's sums;
-    kl_tok per-token KL to pi_ref (None on steps where pi_ref was not run); t phase end times."""
-    import torch
-    from common.dist import all_reduce, mean_metrics
-    B, n_tok = len(samples), b.mask.sum().item()
-    vllm_lp = torch.tensor([x for s in samples for x in s.logprobs], device=b.mask.device)
-    sums = {"reward": (r.sum().item(), B), "accuracy": ((r > 0).sum().item(), B),
+def rl_step_metrics(b: Batch, old_logp, *, rewards, samples, update, times, args, world, gen_tokens, rounds, kept,
+                    reward_failures):
+    """One RL step's log: global means over ranks, each a named sum divided by a named count, in one all-reduce.
+    b the step's batch; old_logp pi_old as rl_update used it; rewards [P, n] the trained groups' verifier scores;
+    samples their responses; update rl_update's sums; times the phases' end times; gen_tokens, rounds, kept: the
+    tokens generated, the generation rounds (P prompts each) and the groups they kept before the cut to P (DAPO's
+    dynamic sampling; one round and every group otherwise); reward_failures: answers whose verifier timed out or
+    failed (scored 0). kl_ref (steps that run pi_ref): the --kl-estimator's mean over response tokens, with pi_old.
+    The rollout mismatch, logged whether --tis-cap corrects it or not: logprob_gap, the mean |log pi_engine -
+    log pi_old| per response token, and the ratio pi_old / pi_engine of losses.tis_weights before its cap: its mean
+    and max over response tokens, and tis_capped, the share of tokens above the cap (above 2, the paper's C, when
+    --tis-cap is 0: what the correction would cap)."""
+    B, n_tok, on, P = len(samples), b.mask.sum().item(), b.mask.bool(), len(rewards)
+    ratio = torch.exp((old_logp - b.engine_logp).clamp(-20, 20))[on]
+    sums = {"reward": (rewards.sum().item(), B), "accuracy": ((rewards > 0).sum().item(), B),
             "adv_mean": ((b.adv * b.mask).sum().item(), n_tok), "adv_sq": ((b.adv ** 2 * b.mask).sum().item(), n_tok),
             "nonzero_adv": (((b.adv * b.mask).abs().sum(-1) > 0).sum().item(), B),  # responses with a gradient
             "in_loss": (b.in_loss.sum().item(), B), "response_len": (n_tok, B),
             "truncated": (sum(s.finish == "length" for s in samples), B),
-            "zero_var_groups": ((r.std(1) == 0).sum().item(), len(r)), "entropy": (upd["entropy"], n_tok),
-            "logprob_gap": ((vllm_lp - b.old_logp[b.mask.bool()]).abs().sum().item(), n_tok),  # vLLM vs trainer
-            "reward_failures": (rstats["timeouts"] + rstats["errors"], 1.0 / world)}  # a count, not a mean
-    if kl_tok is not None:
-        sums["kl_ref"] = ((kl_tok * b.mask).sum().item(), n_tok)
+            "zero_var_groups": ((rewards == rewards[:, :1]).all(1).sum().item(), P), "entropy": (update["entropy"], n_tok),
+            "logprob_gap": ((b.engine_logp - old_logp).abs()[on].sum().item(), n_tok),  # engine vs trainer
+            "tis_ratio_mean": (ratio.sum().item(), n_tok),
+            "tis_capped": ((ratio > (args.tis_cap or 2.0)).sum().item(), n_tok),
+            "gen_rounds": (rounds, 1), "dropped_groups": (rounds * P - kept, rounds * P),
+            "reward_failures": (reward_failures, 1.0 / world)}  # a count, not a mean
+    if b.ref_logp is not None:
+        sums["kl_ref"] = ((losses.kl(old_logp, b.ref_logp, args.kl_estimator) * b.mask).sum().item(), n_tok)
     m = mean_metrics({k: v for k, (v, _) in sums.items()}, {k: c for k, (_, c) in sums.items()})
     m["adv_std"] = max(m.pop("adv_sq") - m["adv_mean"] ** 2, 0.0) ** 0.5
-    loss, clip_frac = all_reduce([upd["loss"], upd["clip_frac"]]).tolist()  # per-rank shares of global means
-    m |= {"loss": loss / upd["updates"], "clip_frac": clip_frac / upd["updates"], "grad_norm": upd["grad_norm"] / upd["updates"],
-          "gen_tokens_per_s": all_reduce(gen_tokens) / (t["generate"] - t["start"])}
-    return m | {f"time_{k}": t[k] - t[prev] for prev, k in zip(list(t)[:-1], list(t)[1:])}
+    m["tis_ratio_max"] = all_reduce(ratio.max().item() if len(ratio) else 0.0, "max")
+    loss, clip_frac = all_reduce([update["loss"], update["clip_frac"]]).tolist()  # per-rank shares of global means
+    m |= {"loss": loss / update["updates"], "clip_frac": clip_frac / update["updates"],
+          "grad_norm": update["grad_norm"] / update["updates"],
+          "gen_tokens_per_s": all_reduce(gen_tokens) / (times["generate"] - times["start"])}
+    return m | {f"time_{k}": times[k] - times[prev] for prev, k in zip(list(times)[:-1], list(times)[1:])}
 
 
 def log_samples(logger, step, prompts, samples, rewards, k=4):

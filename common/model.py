@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from common.config import InputError
+from common.dist import reshard
+from common.kernels import token_logprobs
 
 # Printable ASCII plus newline: enough for the built-in task and for reading GSM8K text.
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]
@@ -272,8 +274,6 @@ def decoder_layers(lm):
 def logprob_head(targets, temperature=1.0, with_entropy=True):
     """head_fn for WithHead: per-token log-prob of `targets` [B, T] (-100 = not a response token) and
     entropy of the tempered distribution, both [B, T], through the fused kernel (no full logits)."""
-    from common.kernels import token_logprobs
-
     def head(hidden, weight):
         logp, ent = token_logprobs(hidden.flatten(0, 1), weight, targets.flatten(), temperature, with_entropy)
         # fresh tensors, not views: FSDP2's pre-backward hook must not sit on a view
@@ -289,6 +289,5 @@ def batched_logprobs(policy, ids, attn, targets, temperature, micro_batch):
     out = torch.zeros(targets.shape, device=ids.device)
     for r in torch.arange(len(ids), device=ids.device).split(micro_batch):
         out[r] = policy(ids[r], attn[r], logprob_head(targets[r], temperature, with_entropy=False))[0].float()
-    from common.dist import reshard
     reshard(policy)
     return out

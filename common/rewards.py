@@ -174,7 +174,7 @@ class _Pool:
         parent, child = self.ctx.Pipe()
         p = self.ctx.Process(target=_worker, args=(child,), daemon=True)
         # torchrun passes a SIGTERM/SIGINT it gets to each rank's whole process group, and the rank then finishes
-        # its step (checkpoint.StopFlag): the workers and the forkserver (started by the first start(); a worker
+        # its step (guards.StopFlag): the workers and the forkserver (started by the first start(); a worker
         # looks dead to us when it dies) must not die then. They start with these signals blocked; a worker
         # unblocks them once in a group of its own. The parent kills workers by pid; they exit when it dies.
         from multiprocessing import resource_tracker

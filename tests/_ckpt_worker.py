@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import checkpoint, dist, model as M  # noqa: E402
+from common import checkpoint, dist, guards, model as M  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", required=True)
@@ -43,8 +43,8 @@ ref = dist.local_shards(policy)  # pi_ref: the initial weights, this rank's shar
 initial = [t.clone() for t in ref]
 opt = torch.optim.AdamW(policy.parameters(), lr=3e-3, weight_decay=0.1)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))  # step-dependent: must be restored
-guard = checkpoint.BadStepGuard(3, out)
-stop = checkpoint.StopFlag() if args.stop else None
+guard = guards.BadStepGuard(3, out)
+stop = guards.StopFlag() if args.stop else None
 
 start, res = 0, {"loss": {}, "draws": {}, "took": {}, "ref_ok": True}
 ckpt = checkpoint.latest(out) if args.resume == "latest" else (args.resume or None)

@@ -83,3 +83,13 @@ def test_input_error_is_one_line_exit_2(capsys):
         assert e.value.code == 2 and capsys.readouterr().err == "error: data.jsonl: row 3: too long\n"
     with pytest.raises(KeyError), config.one_line_errors():
         raise KeyError("a bug keeps its traceback")
+
+
+def test_fork_flag_checks_are_one_line(capsys):
+    """A fork's own parse-time checks (DAPO's __post_init__, through RunArgs.flag_error) fail like the shared ones."""
+    import dapo
+    assert "--overlong-buffer 65 must be in [0, --max-new-tokens 64]" in _usage_error(
+        lambda: dapo.Args(overlong_buffer=65), capsys)
+    assert "--max-gen-rounds -1 >= 0" in _usage_error(lambda: dapo.Args(max_gen_rounds=-1), capsys)
+    assert "--tis-cap -1.0" in _usage_error(lambda: grpo.Args(tis_cap=-1.0), capsys)
+    dapo.Args(overlong_buffer=0), dapo.Args(overlong_buffer=64, max_gen_rounds=0)

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from common import checkpoint
+from common import checkpoint, guards
 from common.config import InputError, RunArgs
 from common.metrics import Logger
 from tests.test_trainers import RL, ROOT, TASK, _cmd, _kill_job, _metrics
@@ -138,7 +138,7 @@ def test_resume_applies_this_runs_optimizer_flags(tmp_path):
 
 def test_stop_writes_status(tmp_path):
     model, opt = _save(tmp_path, [])
-    stop, guard = checkpoint.StopFlag(), checkpoint.BadStepGuard(3, tmp_path)
+    stop, guard = guards.StopFlag(), guards.BadStepGuard(3, tmp_path)
     try:
         os.kill(os.getpid(), signal.SIGTERM)
         assert checkpoint.save_or_stop(3, 10, 0, tmp_path, model, opt, stop, guard)

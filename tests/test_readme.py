@@ -1,5 +1,6 @@
-"""The README's commands cannot drift from the code: every command in its ```bash blocks that runs one of the
-project's scripts must parse with that script's own argument parser (tyro), flags and values as written."""
+"""The README's commands cannot drift from the code: every command in the ```bash blocks of README.md and docs/*.md
+that runs one of the project's scripts must parse with that script's own argument parser (tyro), flags and values as
+written. Every trainer (found by its fences) and every tool has a command there."""
 import importlib
 import re
 import shlex
@@ -9,15 +10,17 @@ from pathlib import Path
 import pytest
 import tyro
 
+from tests import _forks
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"gem_sft", "grpo", "remax", "raftpp", "reinforce_rej", "eval", "plot", "demo", "study"}
+SCRIPTS = {Path(f).stem for f in _forks.fenced()} | {"eval", "plot", "demo", "study"}
 TORCHRUN_FLAGS = {"--nproc_per_node", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--standalone"}
 
 
 def readme_commands():
-    """(script, argv) for every script invocation in the README's bash blocks (continuations joined,
-    `;`-separated commands split, shell variables such as $T expanded from the block's assignments)."""
-    text = (ROOT / "README.md").read_text()
+    """(script, argv) for every script invocation in the bash blocks of README.md and docs/*.md (continuations
+    joined, `;`-separated commands split, shell variables such as $T expanded from the block's assignments)."""
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         env = {}

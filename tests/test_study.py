@@ -78,3 +78,29 @@ def test_report_aggregates_finished_seeds_only(tmp_path):
     assert f"| ce | greedy | {statistics.fmean(three) / 2:.3f}" in md
     assert "0.990" not in md and "(4)" not in md
     assert (tmp_path / "passk.png").stat().st_size > 0 and (tmp_path / "rl_curves.png").stat().st_size > 0
+
+
+def test_forks_stage_runs_the_new_trainers_exactly_as_the_long_stage_runs_grpo():
+    plan = {name: argv for _, name, argv in study.jobs(study.Args(stages=("long", "forks"), seeds=(0, 1, 2)))}
+    for fork in ("rloo", "gspo", "dapo"):
+        for s in range(3):
+            assert plan[f"{fork}-long-from-gem-s{s}"] == [f"{fork}.py", *plan[f"grpo-long-from-gem-s{s}"][1:]]
+
+
+def test_long_table_means_over_seeds(tmp_path):
+    """The README's longer-runs row from 2 finished seeds: pass@1 every 20 steps, entropy and KL at the end, the sum of
+    the time_* metrics and the job's wall seconds (seconds.json)."""
+    for s, (acc, ent) in enumerate([(0.5, 0.1), (0.7, 0.3)]):
+        run = tmp_path / f"rloo-long-from-gem-s{s}"
+        run.mkdir()
+        rows = [{"step": 0, "eval/pass@1": 0.3}, {"step": 10, "eval/pass@1": 0.4},
+                {"step": 20, "train/entropy": ent, "train/kl_ref": 0.01 * (s + 1), "train/time_update": 1.5,
+                 "train/time_sync": 0.5}, {"step": 20, "eval/pass@1": acc}]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        (run / ".study_done").write_text("1\n")
+    (tmp_path / "seconds.json").write_text(json.dumps({"rloo-long-from-gem-s0": 100.0, "rloo-long-from-gem-s1": 120.0}))
+    lines = study.long_table(tmp_path, ["rloo-long-from-gem"])
+    assert "| pass@1 at step 0 → 20 |" in lines[2]
+    assert lines[4] == (f"| rloo-long-from-gem | 0.300 ± 0.000 (2) → 0.600 ± {statistics.stdev([0.5, 0.7]):.3f} (2) | "
+                        f"0.200 ± {statistics.stdev([0.1, 0.3]):.3f} (2) | 0.0150 ± {statistics.stdev([0.01, 0.02]):.4f} (2) | "
+                        f"2 ± 0 (2) | 110 ± {statistics.stdev([100, 120]):.0f} (2) |")

@@ -1,6 +1,7 @@
-"""End-to-end runs of the trainers under torchrun with 2 ranks on CPU (real FSDP2, vLLM, rewards):
-short runs change the weights and log finite metrics; a run killed with SIGKILL and resumed ends
-bit-identical to an uninterrupted one; SIGTERM saves and exits 0; NaN steps are skipped, then abort.
+"""End-to-end runs of the trainers under torchrun with 2 ranks on CPU (real FSDP2, vLLM, rewards): short runs of
+every RL trainer (found by its fences, tests/_forks.py) change the weights and log finite metrics; a run killed
+with SIGKILL and resumed ends bit-identical to an uninterrupted one; SIGTERM saves and exits 0; NaN steps are
+skipped, then abort.
 
 The cold-start model is a quick GEM SFT on an easy version of the built-in task (one operation on
 1..3), so that sampled groups usually have mixed rewards. Usually is not always: floating point differs
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from common import checkpoint
+from tests import _forks
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = ["--difficulty", "1", "--max-num", "3", "--eval-size", "8"]  # 27 problems: 8 held out
@@ -73,29 +75,38 @@ def cold_start(tmp_path_factory):
 
 # Per trainer, from one step's logged metrics: (the fraction of responses with a non-zero advantage, as the
 # algorithm prescribes it for the rewards drawn, computed independently from other logged quantities, or None;
-# whether any response has a non-zero advantage). With 0/1 rewards: GRPO's and Reinforce-rej's advantages are
-# non-zero exactly in the groups with mixed rewards; RAFT++ gives A = 1 exactly to the correct responses (in a
-# group with a success every correct response has the best reward); ReMax wherever a sample's reward differs
-# from its greedy response's.
+# whether any response has a non-zero advantage). With 0/1 rewards: GRPO's, GSPO's, RLOO's and Reinforce-rej's
+# advantages are non-zero exactly in the groups with mixed rewards; DAPO trains only on such groups (dynamic
+# sampling), so on every response; RAFT++ gives A = 1 exactly to the correct responses (in a group with a success
+# every correct response has the best reward); ReMax wherever a sample's reward differs from its greedy response's.
+# A trainer found without an entry here (a new fork) is held to the generic rule below.
+MIXED = lambda r: (1 - r["train/zero_var_groups"], r["train/zero_var_groups"] < 1)
 EXPECT = {
-    "grpo.py": lambda r: (1 - r["train/zero_var_groups"], r["train/zero_var_groups"] < 1),
+    "grpo.py": MIXED, "gspo.py": MIXED, "rloo.py": MIXED, "reinforce_rej.py": MIXED,
+    "dapo.py": lambda r: (1.0, True),
     "remax.py": lambda r: (None, r["train/nonzero_adv"] > 0),
     "raftpp.py": lambda r: (r["train/accuracy"], r["train/accuracy"] > 0),
-    "reinforce_rej.py": lambda r: (1 - r["train/zero_var_groups"], r["train/zero_var_groups"] < 1),
 }
+GENERIC = lambda r: (None, r["train/nonzero_adv"] > 0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer", list(EXPECT))
+@pytest.mark.parametrize("trainer", _forks.rl_trainers())
 def test_two_steps_update_exactly_when_there_is_signal(cold_start, tmp_path, trainer):
-    """Two RL steps. Whatever the model sampled: the share of responses with a non-zero advantage is what the
-    algorithm prescribes for the rewards drawn, and the weights change if and only if there was one. Weight decay
-    is off, so a step whose advantages are all zero has exactly zero gradient and must leave every weight
-    bit-identical (and any non-zero advantage must move them)."""
+    """Two RL steps of every RL trainer (found by its fences). Whatever the model sampled: the share of responses with
+    a non-zero advantage is what the algorithm prescribes for the rewards drawn, and the weights change if and only if
+    there was one. Weight decay is off, so a step whose advantages are all zero has exactly zero gradient and must
+    leave every weight bit-identical (and any non-zero advantage must move them). The rollout-mismatch ratio is
+    logged (fp32 engine and trainer: ~1). DAPO: every trained group has mixed scores, however many rounds that took,
+    or the run stops with one error line naming --max-gen-rounds."""
     out = tmp_path / trainer
     # 0 = "only at the end" for both: the run still evaluates and checkpoints after its last step
-    _run(trainer, out, "--model", str(cold_start), *RL, "--steps", "2", "--eval-every", "0", "--save-every", "0",
-         "--weight-decay", "0", "--log-kl-ref")
+    r = _run(trainer, out, "--model", str(cold_start), *RL, "--steps", "2", "--eval-every", "0", "--save-every", "0",
+             "--weight-decay", "0", "--log-kl-ref", ok=False)
+    if trainer == "dapo.py" and r.returncode:  # the model drew no mixed group in 10 rounds: said, not hidden
+        assert r.returncode == 1 and "--max-gen-rounds 10" in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+        return
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert checkpoint.latest(out).name == "step_000002"
     rows = _metrics(out)
     train = [r for r in rows if "train/loss" in r]
@@ -106,11 +117,18 @@ def test_two_steps_update_exactly_when_there_is_signal(cold_start, tmp_path, tra
             assert isinstance(v, (int, float)) and math.isfinite(v), (k, v)
     signal_seen = False
     for r in train:
-        nonzero, has_signal = EXPECT[trainer](r)
+        nonzero, has_signal = EXPECT.get(trainer, GENERIC)(r)
         if nonzero is not None:
             assert r["train/nonzero_adv"] == pytest.approx(nonzero, abs=1e-9), r
         assert (r["train/adv_std"] > 0 or r["train/adv_mean"] != 0) == has_signal == (r["train/nonzero_adv"] > 0), r
         assert r["train/in_loss"] == 1.0  # rejected responses stay in the loss (A = 0) unless --drop-rejected
+        assert abs(r["train/tis_ratio_mean"] - 1) < 1e-3 and r["train/tis_capped"] == 0, r  # fp32 engine and trainer
+        if trainer == "dapo.py":  # dynamic sampling: only groups with a signal; rounds and the dropped share logged
+            assert r["train/zero_var_groups"] == 0 and r["train/gen_rounds"] >= 1, r
+            assert (r["train/dropped_groups"] > 0) == (r["train/gen_rounds"] > 1), r  # a round drops, or it is the last
+            assert -1 <= r["train/overlong_penalty"] <= 0, r
+        else:
+            assert r["train/gen_rounds"] == 1 and r["train/dropped_groups"] == 0, r
         signal_seen |= has_signal
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]  # a few completions per step
     assert [x["step"] for x in samples] == [1] * 4 + [2] * 4
@@ -123,6 +141,22 @@ def test_two_steps_update_exactly_when_there_is_signal(cold_start, tmp_path, tra
         assert changed > len(before) // 2, (changed, train)
     else:
         assert changed == 0, (changed, train)
+
+
+@pytest.mark.slow
+def test_dapo_stops_at_the_round_cap_with_one_line_naming_the_flag(tmp_path):
+    """Dynamic sampling with --max-gen-rounds 1 from the untrained built-in model (its answers are all but never
+    right: its groups are all-equal, all 0). Whatever it drew: either a rank lacked groups with a signal after its one
+    round and the run stopped with one `error:` line that names the flag, or every trained group had one."""
+    out = tmp_path / "dapo"
+    r = _run("dapo.py", out, "--model", "tiny", *RL, "--steps", "1", "--eval-k", "0", "--save-every", "0",
+             "--max-gen-rounds", "1", ok=False)
+    if r.returncode == 0:
+        assert all(row["train/zero_var_groups"] == 0 for row in _metrics(out) if "train/loss" in row)
+        return
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("in --max-gen-rounds 1 rounds (0: no limit)" in e for e in errors), r.stderr[-3000:]
+    assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr, r.stderr[-3000:]
 
 
 @pytest.mark.slow
