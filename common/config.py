@@ -148,25 +148,14 @@ def one_line_errors():
     except InputError as e:
         if not e.every_rank:
             print(f"error: {e}", file=sys.stderr, flush=True)
-            _exit_quietly(2)
-        _usage_error(str(e), quiet_exit=True)
+            raise SystemExit(2)
+        if int(os.environ.get("RANK", "0")):  # rank 0 prints the line: the first rank to exit makes torchrun stop
+            import time                       # the others, so they give it a moment to get there
+            time.sleep(5)
+        _usage_error(str(e))
 
 
-def _usage_error(message, quiet_exit=False):
+def _usage_error(message):
     print0(f"error: {message}", file=sys.stderr)
-    if quiet_exit:
-        _exit_quietly(2)
     raise SystemExit(2)
 
-
-def _exit_quietly(code):
-    """End this rank after its `error:` line so that the line stays the rank's last output: the exit handlers run (the
-    reward pool, loggers), then the process ends without interpreter finalization, whose teardown of an engine or a
-    process group left mid-run can print warnings or tracebacks after the error (no collective here: the other
-    ranks may be anywhere)."""
-    import atexit
-    import os
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
