@@ -81,6 +81,7 @@ def rl_step_metrics(b: Batch, old_logp, *, rewards, samples, update, times, args
             "adv_mean": ((b.adv * b.mask).sum().item(), n_tok), "adv_sq": ((b.adv ** 2 * b.mask).sum().item(), n_tok),
             "nonzero_adv": (((b.adv * b.mask).abs().sum(-1) > 0).sum().item(), B),  # responses with a gradient
             "in_loss": (b.in_loss.sum().item(), B), "response_len": (n_tok, B),
+            "seq_len": (b.attn.sum().item(), B),  # prompt + response tokens per row (what the update computes)
             "truncated": (sum(s.finish == "length" for s in samples), B),
             "zero_var_groups": ((rewards == rewards[:, :1]).all(1).sum().item(), P), "entropy": (update["entropy"], n_tok),
             "logprob_gap": ((b.engine_logp - old_logp).abs()[on].sum().item(), n_tok),  # engine vs trainer

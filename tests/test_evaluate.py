@@ -101,7 +101,7 @@ def test_eval_py_checks_rows_against_the_model_positions_before_the_engine(tmp_p
                        timeout=300)
     assert r.returncode != 0 and "engine started" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].endswith(
-        f"ValueError: {SHARED / 'gsm8k_test.jsonl'}: row {row}: field 'question' is {lens[row - 1]} prompt tokens, "
+        f"InputError: {SHARED / 'gsm8k_test.jsonl'}: row {row}: field 'question' is {lens[row - 1]} prompt tokens, "
         "leaving no room for a response in the context limit 512 (--max-len 4096, the model's "
         "max_position_embeddings 512)"), r.stderr[-2000:]
     # rows past --limit are not checked: the first 5 rows load and the (stub) engine starts
