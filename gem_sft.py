@@ -100,7 +100,8 @@ def main(args: Args):
                 f"held-out rows, world {d.world}, device {d.device}, loss {args.loss}")
     ckpt = checkpoint.prepare_run(out, args, NAME)  # refuses a run folder/flags that would lose or mix up a run
 
-    policy = dist.wrap_fsdp(M.WithHead(lm), M.decoder_layers(lm), d.device, vocab_parallel=args.vocab_parallel)
+    policy = dist.wrap_fsdp(M.WithHead(lm), M.decoder_layers(lm), d.device, dtype=args.train_dtype,
+                            vocab_parallel=args.vocab_parallel)
     # fused: one in-place kernel, no temporaries the size of a parameter (0.5 GiB for a 0.5B model's embedding)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, args.adam_beta2), eps=args.adam_eps,
                             weight_decay=args.weight_decay, fused=True)
@@ -122,6 +123,7 @@ def main(args: Args):
         n_tokens = dist.all_reduce(sum(len(s) - p for s, p in mine))
         sums = {"loss": 0.0, "ce_loss": 0.0, "entropy": 0.0}
         for i in range(0, len(mine), args.micro_batch_size):
+            dist.micro_batch(policy, last=i + args.micro_batch_size >= len(mine))  # small models: one reduction per step
             ids, mask, targets = data.collate(mine[i:i + args.micro_batch_size], tok.pad_token_id, d.device)
 
             def head(hidden, weight):  # fused kernels: never build the [tokens x vocab] logits

@@ -112,7 +112,8 @@ def rl_update(policy, opt, guard, b: Batch, args, world=1):
         order = rows[torch.randperm(len(rows), generator=gen).to(rows.device)] if args.shuffle else rows
         for mb in order.tensor_split(args.mini_batches):
             n_tok, n_seq = dist.all_reduce([lm[mb].sum().item(), b.in_loss[mb].sum().item()]).tolist()
-            for r in mb.split(args.micro_batch_size):
+            for k, r in enumerate(micro := mb.split(args.micro_batch_size)):
+                dist.micro_batch(policy, last=k == len(micro) - 1)  # small models: one gradient reduction per step
                 logp, ent = policy(b.ids[r], b.attn[r], M.logprob_head(b.targets[r], args.temperature))
                 if on_policy:
                     old_logp[r] = logp.detach()
@@ -148,7 +149,8 @@ def main(args: Args):
     limit = context_limit(M.resolve(args.model), args.max_len, args.trust_remote_code)  # what the engine accepts
     train_rows, eval_rows = data.load_split(args, tok, limit)
     ckpt = checkpoint.prepare_run(out, args, NAME)  # refuses a run folder/flags that would lose or mix up a run
-    policy = dist.wrap_fsdp(M.WithHead(lm), M.decoder_layers(lm), d.device, vocab_parallel=args.vocab_parallel)
+    policy = dist.wrap_fsdp(M.WithHead(lm), M.decoder_layers(lm), d.device, dtype=args.train_dtype,
+                            vocab_parallel=args.vocab_parallel)
     # pi_ref = the initial weights, this rank's shard in CPU memory: only when the run uses it (KL) or logs it
     ref = dist.local_shards(policy) if args.kl_coef > 0 or args.log_kl_ref else None
     # fused: one in-place kernel, no temporaries the size of a parameter (0.5 GiB for a 0.5B model's embedding)

@@ -34,12 +34,16 @@ PHASES = ("generate", "logprob", "update", "sync")
 
 
 def checkout(rev):
-    """A worktree of `rev` under runs/ (made once), sharing this checkout's .venv."""
+    """A worktree of `rev` under runs/ (made once), sharing this checkout's .venv and converted model."""
     path = ROOT / "runs" / f"bench-rev-{rev}"
     if not path.exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=ROOT, check=True,
                        capture_output=True)
         (path / ".venv").symlink_to(ROOT / ".venv")
+    for name in ("smollm2-135m-instruct",):  # the converted model (setup.sh), shared too
+        if not (path / "runs" / name).exists():
+            (path / "runs").mkdir(exist_ok=True)
+            (path / "runs" / name).symlink_to(ROOT / "runs" / name)
     return path
 
 
@@ -64,7 +68,8 @@ def summarize(rows, warmup):
             "phases": {p: statistics.median(r.get(f"train/time_{p}", 0) for r in rows) for p in PHASES},
             "gen_tok_s": statistics.median(r["train/gen_tokens_per_s"] for r in rows),
             "trained_tok_s": statistics.median(trained) if trained else float("nan"),
-            "response_len": statistics.median(r["train/response_len"] for r in rows)}
+            "response_len": statistics.median(r["train/response_len"] for r in rows),
+            "gap": statistics.median(r.get("train/logprob_gap", float("nan")) for r in rows)}
 
 
 def _free_port():
@@ -100,10 +105,10 @@ def main():
                 results.setdefault((setting, name), []).append(s)
                 print(f"[{setting}] {name} run {i + 1}: {s['step_s']:.1f} s/step "
                       + ", ".join(f"{p} {v:.1f}" for p, v in s["phases"].items())
-                      + f"; gen {s['gen_tok_s']:.0f} tok/s, trained {s['trained_tok_s']:.0f} tok/s "
+                      + f"; gen {s['gen_tok_s']:.0f} tok/s, trained {s['trained_tok_s']:.0f} tok/s, gap {s['gap']:.1e} "
                         f"(run {wall:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)
     print("\n| setting | code | s / step | generate | log-prob | update | sync | generated tok/s | trained tok/s | "
-          "x base |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "log-prob gap | x base |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for setting in args.setting:
         base = None
         for name, _, _ in codes:
@@ -113,7 +118,7 @@ def main():
             base = base or step
             ph = {p: statistics.median(r["phases"][p] for r in runs) for p in PHASES}
             print(f"| {setting} | {name} | {step:.1f} | " + " | ".join(f"{ph[p]:.1f} ({ph[p] / step:.0%})" for p in PHASES)
-                  + f" | {med('gen_tok_s'):.0f} | {med('trained_tok_s'):.0f} | {step / base:.2f} |")
+                  + f" | {med('gen_tok_s'):.0f} | {med('trained_tok_s'):.0f} | {med('gap'):.1e} | {step / base:.2f} |")
 
 
 if __name__ == "__main__":

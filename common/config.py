@@ -36,6 +36,7 @@ class RunArgs:
     gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory (colocated with the trainer)
     vocab_parallel: bool = True          # 2+ ranks, tied embedding: each rank keeps its vocabulary rows, never gathered (memory; same math)
     engine_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # vLLM's weights and KV cache (auto: bf16 on GPU, fp32 on CPU)
+    train_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # trainer: bfloat16 = bf16 matmuls, fp32 master weights/optimizer/reductions (auto: bf16 on GPU, fp32 on CPU)
     track: Literal["none", "wandb", "tensorboard"] = "none"  # extra metrics sink besides metrics.jsonl
     trust_remote_code: bool = False      # allow model code from the hub (off: safer)
     save_every: int = 50                 # sharded checkpoint every N steps, at the end and on SIGTERM (0: only those)

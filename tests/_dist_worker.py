@@ -1,5 +1,6 @@
 """Run by tests/test_dist.py under torchrun (gloo, 2 ranks): common/dist's setup and reductions, each against the
 numbers every rank contributes, written out here. Prints one line, "ok <checks>", on rank 0."""
+import copy
 import math
 import sys
 from pathlib import Path
@@ -30,5 +31,38 @@ with dist.swapped_weights(model, ref):
     assert all(torch.equal(p, r) for p, r in zip(model.parameters(), ref))
 assert all(torch.equal(p, q) for p, q in zip(model.parameters(), now))
 assert [n for n, _ in dist.full_state_items(torch.nn.ModuleDict({"lm": model}))] == ["weight", "bias"]
-dist.print0("ok 10")
+
+# micro_batch: a small model accumulates its micro-batches' gradients unsharded and reduces them once, after the last
+# backward; the optimizer step then updates the shards and the next forward sees the new weights. Against a plain
+# (unwrapped) copy trained on both ranks' rows in one batch by hand-written SGD.
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+torch.manual_seed(0)
+plain = Net()
+net = copy.deepcopy(plain)
+net = dist.wrap_fsdp(net, net.layers, d.device, vocab_parallel=False)
+assert net.accumulate_gathered  # small, on CPU
+xs = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(1))  # [rank, rows, features]
+opt = torch.optim.SGD(net.parameters(), lr=0.5)
+for k, rows in enumerate(xs[d.rank].split(2)):  # 3 micro-batches of 2 rows
+    dist.micro_batch(net, last=k == 2)
+    ((net(rows) ** 2).sum() / 12 * 2).backward()  # global mean over 12 rows; x 2: FSDP averages over ranks
+opt.step()
+(plain(xs.flatten(0, 1)) ** 2).sum().div(12).backward()
+with torch.no_grad():
+    for q in plain.parameters():
+        q -= 0.5 * q.grad
+    assert all(torch.allclose(p.full_tensor(), q, atol=1e-6) for p, q in zip(net.parameters(), plain.parameters()))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(net(x), plain(x), atol=1e-6)  # the forward after the step gathers the new weights
+dist.print0("ok 12")
 dist.exit_cleanly()

@@ -31,5 +31,5 @@ def test_swapped_weights_restore_on_error():
 
 def test_two_ranks():
     """setup, all_reduce (sum, max, min; numbers and lists), mean_metrics (sums over counts, across ranks) and the
-    pi_ref helpers on 2 gloo ranks (tests/_dist_worker.py)."""
-    assert torchrun("_dist_worker.py", timeout=180).strip().endswith("ok 10")
+    pi_ref helpers, and gradient accumulation over micro-batches (micro_batch) on 2 gloo ranks (tests/_dist_worker.py)."""
+    assert torchrun("_dist_worker.py", timeout=180).strip().endswith("ok 12")
