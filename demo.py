@@ -9,7 +9,7 @@
 The real-model demo runs the built-in task at one operation per problem ("3+4=", operands 1..5) through the model's
 chat template: SmolLM2-135M-Instruct answers 10% of it greedily and 0.3% at T = 1 zero-shot (it rarely ends with
 \boxed{}), 20 GEM steps bring it to about 40% at T = 1, and RL improves that within minutes; GSM8K is out of reach
-for 135M parameters (README). RL starts from GEM only, and 10 steps each: a step of the 135M model takes ~35 s on
+for 135M parameters (docs/real-model.md). RL starts from GEM only, and 10 steps each: a step of the 135M model takes ~35 s on
 2 cores, and the hour the demo may take does not hold more.
 
 Each stage is one of the trainers, run with torchrun exactly as a user would; this script only

@@ -1,6 +1,6 @@
 """The claims study: do the seeds' claims hold on the built-in task? Every setting with several seeds, mean ± std.
 
-    python study.py                                  # every stage, seeds 0 1 2 (hours on 2 cores: see README)
+    python study.py                                  # every stage, seeds 0 1 2 (hours on 2 cores: see docs/results.md)
     python study.py --stages coldstart rl remax      # some stages; re-running skips what is done (resumable)
     python study.py --report                         # only rewrite runs/study/results.md and the figures
     python study.py --quick                          # a smoke test of the pipeline (tiny runs, one seed)

@@ -390,7 +390,7 @@ def save_or_stop(step, total, save_every, run_dir, model, optimizer, stop, guard
 def write_status(run_dir, state, step, checkpoint=None, signal_name=None):
     """run_dir/status.json (atomic): "running" from the start of a run or resume, "stopped" after a signal's
     checkpoint, "trained" after the last step's. The way to tell a clean stop when torchrun itself got the
-    signal: torchrun then exits 1 whatever its workers did (README: Checkpoints, resume, faults)."""
+    signal: torchrun then exits 1 whatever its workers did (docs/operations.md)."""
     st = {"state": state, "step": step, "checkpoint": str(checkpoint) if checkpoint else None, "signal": signal_name,
           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     tmp = Path(run_dir) / "status.json.tmp"
