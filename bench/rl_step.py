@@ -40,10 +40,10 @@ def checkout(rev):
         subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=ROOT, check=True,
                        capture_output=True)
         (path / ".venv").symlink_to(ROOT / ".venv")
-    for name in ("smollm2-135m-instruct",):  # the converted model (setup.sh), shared too
-        if not (path / "runs" / name).exists():
-            (path / "runs").mkdir(exist_ok=True)
-            (path / "runs" / name).symlink_to(ROOT / "runs" / name)
+    model = path / "runs" / "smollm2-135m-instruct"  # the model setup.sh converted, shared rather than converted again
+    if not model.exists():
+        model.parent.mkdir(exist_ok=True)
+        model.symlink_to(ROOT / "runs" / model.name)
     return path
 
 

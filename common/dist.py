@@ -92,9 +92,10 @@ def wrap_fsdp(model, layers, device, dtype="auto", vocab_parallel=True):
     weights, optimizer state and gradient reduction); "float32" = plain fp32; "auto" = bf16 on GPU, fp32 on CPU.
     On GPU parameters are resharded after forward (memory). On CPU a model below RESHARD_CPU_PARAMS keeps its
     parameters gathered from forward to backward, and across the micro-batches of one optimizer step (see
-    `micro_batch`): gloo collectives are slow next to the arithmetic of a small model (measured on
-    SmolLM2-135M, 2 ranks: 4 all-gathers and 2 reduce-scatters per layer per step instead of 1 + 1 took the update
-    from 12 s to 17 s), and the gathered copy is one more model-sized tensor per rank (0.54 GB fp32 at 135M).
+    `micro_batch`): gloo collectives are slow next to the arithmetic of a small model (SmolLM2-135M, 2 ranks, 2
+    micro-batches: 4 all-gathers and 2 reduce-scatters per layer per step instead of 1 + 1 cost 17 s instead of 12 s
+    for the update alone, 17.5 s instead of 15.9 s inside grpo.py), and the gathered copy is one more model-sized
+    tensor per rank (0.54 GB fp32 at 135M).
     Above it they are resharded: kept gathered, a 0.5B model's layers held a whole second copy of the weights
     (2 GB per rank) through every forward and backward.
     vocab_parallel: on more than one rank, a tied embedding/head keeps only this rank's vocabulary rows and is
