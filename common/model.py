@@ -8,6 +8,7 @@ never materialised.
 """
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -222,10 +223,70 @@ def _first_line(e):
 
 
 def hidden_states(model, input_ids, attention_mask=None):
-    """Final hidden states [B, T, D] of a HF causal LM: the decoder body without the lm_head."""
+    """Final hidden states [B, T, D] of a HF causal LM: the decoder body without the lm_head.
+    Rows that begin with the same tokens (a group's n responses share their prompt; a chat template's system
+    prompt is shared by every row) run that prefix once: `shared_prefix_layout` packs them into one sequence,
+    the prefix then each row's remainder, every remainder attending to the prefix and to itself, at the positions
+    it has in its own row. Causal attention makes the prefix's hidden states the same in every row, so the result
+    is the unpacked forward's, and so is the gradient (the n rows' gradients meet in the prefix's one forward)."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state
+    packed = shared_prefix_layout(input_ids, attention_mask) \
+        if attention_mask is not None and model.config._attn_implementation == "sdpa" else None  # a custom mask
+    if packed is None:
+        return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    h = body(input_ids=packed.ids, attention_mask=packed.mask, position_ids=packed.positions,
+             use_cache=False).last_hidden_state
+    return h.flatten(0, 1)[packed.index.flatten()].view(*input_ids.shape, -1)
+
+
+@dataclass
+class PackedPrefixes:
+    ids: torch.Tensor        # [G, L] one sequence per group: the shared prefix, then each row's remainder
+    positions: torch.Tensor  # [G, L] each token's position in its own row
+    mask: torch.Tensor       # [G, 1, L, L] bool, True = attends (the prefix causally; a remainder: prefix + itself)
+    index: torch.Tensor      # [B, T] flat index into [G * L] of each (row, position); padding -> 0 (not scored)
+
+
+def shared_prefix_layout(ids, attn, min_saving=0.1):
+    """Group consecutive right-padded rows that share a prefix, and lay each group out as one sequence
+    (PackedPrefixes), or None when that would not cut the token positions the body runs by `min_saving`.
+    A group starts at a row and its successor's common prefix c; the next rows join while they share those c
+    tokens with their predecessor (so a group's n responses share their whole prompt, and the next prompt, which
+    shares only the system prompt, starts a new group). Positions run on: a remainder starts at position c."""
+    B, T = ids.shape
+    lens = attn.sum(1)
+    if B < 2 or not torch.equal(attn.bool(), torch.arange(T, device=ids.device) < lens[:, None]):
+        return None  # one row, or left padding/holes: the plain forward
+    common = ((ids[1:] == ids[:-1]) & attn[1:].bool() & attn[:-1].bool()).int().cumprod(1).sum(1).tolist()
+    lens, groups, i = lens.tolist(), [], 0
+    while i < B:
+        j, c = i + 1, lens[i]
+        if j < B and common[i] > 0:
+            c = common[i]
+            while j < B and common[j - 1] >= c:
+                j += 1
+        groups.append((i, j, c))
+        i = j
+    L = max(c + sum(lens[k] - c for k in range(i, j)) for i, j, c in groups)
+    if len(groups) * L > (1 - min_saving) * B * T:
+        return None
+    G, dev = len(groups), ids.device
+    p_ids = torch.full((G, L), 0, dtype=ids.dtype, device=dev)
+    pos = torch.zeros((G, L), dtype=torch.long, device=dev)
+    mask = torch.eye(L, dtype=torch.bool, device=dev).repeat(G, 1, 1)  # padding attends to itself (no empty row)
+    index = torch.zeros((B, T), dtype=torch.long, device=dev)
+    tril = lambda m: torch.ones(m, m, dtype=torch.bool, device=dev).tril()
+    for g, (i, j, c) in enumerate(groups):
+        p_ids[g, :c], pos[g, :c], mask[g, :c, :c] = ids[i, :c], torch.arange(c, device=dev), tril(c)
+        index[i:j, :c] = g * L + torch.arange(c, device=dev)
+        o = c
+        for k in range(i, j):
+            m = lens[k] - c
+            p_ids[g, o:o + m], pos[g, o:o + m] = ids[k, c:lens[k]], torch.arange(c, lens[k], device=dev)
+            mask[g, o:o + m, :c], mask[g, o:o + m, o:o + m] = True, tril(m)
+            index[k, c:lens[k]] = g * L + o + torch.arange(m, device=dev)
+            o += m
+    return PackedPrefixes(p_ids, pos, mask[:, None], index)
 
 
 def head_weight(model):

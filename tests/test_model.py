@@ -105,3 +105,61 @@ def test_tied_embedding_gradient_sparse_lookup_equals_dense(tmp_path):
     logp2, _ = M.logprob_head(targets)(h, M.head_weight(lm))
     (-logp2.sum()).backward()
     assert not torch.allclose(lm.get_input_embeddings().weight.grad, ref, atol=1e-3)
+
+
+def _rows_sharing_prefixes(V, seed=0):
+    """Three prompts (all begin with the same 4 "system" tokens) x 3/2/3 responses of 0..11 tokens, right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda k: torch.randint(3, V, (k,), generator=g).tolist()
+    system, rows = rand(4), []
+    for plen, n in [(7, 3), (9, 2), (5, 3)]:
+        prompt = system + rand(plen - 4)
+        rows += [prompt + rand(int(torch.randint(0, 12, (), generator=g))) for _ in range(n)]
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], attn[i, :len(r)] = torch.tensor(r), 1
+    return ids, attn
+
+
+def test_shared_prefix_forward_equals_each_row_alone(tmp_path):
+    lm, _ = M.load(str(M.build_tiny(tmp_path / "tiny", seed=1)))
+    body = lm.get_decoder()
+    for seed in range(3):
+        ids, attn = _rows_sharing_prefixes(lm.config.vocab_size, seed)
+        lens = attn.sum(1).tolist()
+        p = M.shared_prefix_layout(ids, attn)
+        # by construction: one sequence per prompt, each row's tokens found where the index says
+        assert p.ids.shape[0] == 3 and p.ids.numel() < ids.numel()
+        assert torch.equal(p.ids.flatten()[p.index][attn.bool()], ids[attn.bool()])
+        assert torch.equal(p.positions.flatten()[p.index][attn.bool()], torch.arange(ids.shape[1]).expand_as(ids)[attn.bool()])
+        w = torch.randn(*ids.shape, lm.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+        h = M.hidden_states(lm, ids, attn)
+        (h * w * attn[..., None]).sum().backward()
+        grads = [q.grad.clone() for q in lm.parameters()]
+        lm.zero_grad(set_to_none=True)
+        # reference: every row alone, unpadded, with the body's own causal attention
+        loss = 0.0
+        for i, n in enumerate(lens):
+            hi = body(input_ids=ids[i:i + 1, :n], use_cache=False).last_hidden_state[0]
+            assert torch.allclose(h[i, :n], hi, atol=1e-5), (seed, i)
+            loss = loss + (hi * w[i, :n]).sum()
+        loss.backward()
+        for q, g in zip(lm.parameters(), grads):
+            assert (g - q.grad).norm() <= 1e-5 * q.grad.norm() + 1e-6
+        lm.zero_grad(set_to_none=True)
+        # a plausible wrong layout: the packed sequence under plain causal attention (a remainder also sees the
+        # responses packed before it) is far from it
+        wrong = body(input_ids=p.ids, position_ids=p.positions, use_cache=False).last_hidden_state
+        wrong = wrong.flatten(0, 1)[p.index]
+        assert not torch.allclose(wrong[attn.bool()], h[attn.bool()].detach(), atol=1e-3)
+
+
+def test_shared_prefix_layout_only_where_it_saves():
+    ids = torch.tensor([[5, 6, 7, 8], [9, 6, 7, 0], [5, 6, 1, 2]])  # no two neighbours share a first token
+    assert M.shared_prefix_layout(ids, torch.ones_like(ids)) is None
+    assert M.shared_prefix_layout(ids[:1], torch.ones_like(ids[:1])) is None  # one row
+    attn = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]])  # left padding: the plain forward
+    assert M.shared_prefix_layout(torch.tensor([[5, 6, 7, 8]] * 3), attn) is None
+    p = M.shared_prefix_layout(torch.tensor([[5, 6, 7, 8]] * 3), torch.ones(3, 4, dtype=torch.long))
+    assert p.ids.tolist() == [[5, 6, 7, 8]] and p.index.tolist() == [[0, 1, 2, 3]] * 3  # identical rows: one run
