@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.dist import RESHARD_CPU_PARAMS
+
 # vLLM must run in this process (weights are pushed by reference). Its CPU KV cache is sized by the Engine from
 # max_model_len x the sequences it runs at once (kv_cache_bytes), not a fixed budget; a VLLM_CPU_KVCACHE_SPACE (GiB)
 # set by the user still overrides that.
@@ -83,12 +85,15 @@ class Engine:
 
     def __init__(self, model, backend="vllm", seed=0, max_model_len=1024, gpu_memory_utilization=0.3,
                  tensor_parallel_size=1, trust_remote_code=False, hf_model=None, tokenizer=None,
-                 sleep_mode=None, hf_batch_size=64, max_seqs=None, dtype=None):
+                 sleep_mode=None, hf_batch_size=64, max_seqs=None, dtype=None, lean_memory=None):
         """max_seqs: the most sequences one generate call of the run has (vLLM runs at most min(max_seqs, MAX_SEQS)
         at once, the rest wait; on CPU the KV cache holds exactly that many of max_model_len tokens). None (a caller
         that does not know): vLLM's default of MAX_SEQS at once, with a cache of at most 1 GiB (sequences that do
         not fit wait or are recomputed). dtype: the engine's weights and KV cache, default bfloat16 on GPU and
-        float32 on CPU."""
+        float32 on CPU. lean_memory (vLLM on CPU): free the engine's weights while asleep and return freed heap pages
+        to the system between phases; None: for models from RESHARD_CPU_PARAMS parameters (common/dist.py), where
+        it keeps a 0.5B run's peak down. Below, the memory is not short and giving pages back costs time: each
+        phase faults them in again (SmolLM2-135M: see `sleep`)."""
         max_model_len = context_limit(model, max_model_len, trust_remote_code)
         self.on_gpu = torch.cuda.is_available()
         self.dtype = dtype if dtype not in (None, "auto") else "bfloat16" if self.on_gpu else "float32"
@@ -97,6 +102,7 @@ class Engine:
         self.backend, self.seed, self.max_model_len, self.hf_batch_size = backend, seed, max_model_len, hf_batch_size
         self.sleep_mode = backend == "vllm" if sleep_mode is None else sleep_mode
         self.asleep, self.weights_lost = set(), False  # released memory tags; weights discarded (level 2)
+        self.lean_memory = False
         self.last_gen_tokens = self.last_gen_seconds = self.last_tokens_per_s = self.last_truncated = 0
         self.last_sync_seconds = 0.0
         self.ckpt_keys = _checkpoint_keys(model)
@@ -141,7 +147,9 @@ class Engine:
         self.tok = self.llm.get_tokenizer()
         if not self.on_gpu:
             self.llm.apply_model(_drop_unused_cpu_copies)
-            _trim_heap()
+            self.lean_memory = sum(self.llm.apply_model(_count_params)) >= RESHARD_CPU_PARAMS \
+                if lean_memory is None else lean_memory
+            self._trim_heap()
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False))
 
     # ------------------------------------------------------------------ generation
@@ -257,7 +265,7 @@ class Engine:
         # CPU: the embedding's unused packed copy goes as soon as the embedding is reloaded, before the head's
         after_embedding = None if self.on_gpu or self.backend != "vllm" else \
             (lambda: self.llm.apply_model(_drop_unused_cpu_copies))
-        stream = _tied_head(named_tensors, self.tied, seen, after_embedding)
+        stream = _tied_head(named_tensors, self.tied, seen, after_embedding, trim=self._trim_heap)
         if self.backend == "hf":
             state = self.model.state_dict()  # detached views of the parameters
             for name, t in stream:
@@ -270,7 +278,7 @@ class Engine:
             self.weights_lost = False
             if not self.on_gpu:
                 self.llm.apply_model(_drop_unused_cpu_copies)
-                _trim_heap()
+                self._trim_heap()
             self.wake_up(["kv_cache"])
             assert self.llm.reset_prefix_cache(), "prefix cache not reset (requests still running?)"
         missing = (self.ckpt_keys or set()) - seen
@@ -279,20 +287,28 @@ class Engine:
                              "the engine keeps stale values for them")
         self.last_sync_seconds = time.time() - t0
 
+    def _trim_heap(self):
+        if self.lean_memory:
+            _trim_heap()
+
     def sleep(self, level=2):
         """Release memory while the trainer updates. GPU (vLLM's sleep mode): KV cache and weights; level 2
         discards the weights (the next `sync` reloads them all, no CPU copy), level 1 offloads them to CPU memory,
         so `wake_up()` alone brings the same weights back. CPU (vLLM's CPU worker has no sleep mode): level 2
-        frees the weights here (_release_cpu_weights: the packed GEMM weights and the embedding), the next `sync`
-        rebuilds them, which costs nothing extra (every sync repacks all weights anyway); the KV cache, sized to
-        the run, stays; level 1 keeps everything."""
+        with lean_memory frees the weights here (_release_cpu_weights: the packed GEMM weights and the embedding),
+        the next `sync` rebuilds them, which costs nothing extra (every sync repacks all weights anyway); without
+        lean_memory (a small model) the weights stay, only marked stale (SmolLM2-135M, builtin setting of
+        bench/rl_step.py: freeing them and trimming the heap made the update after it fault its memory in again,
+        730k page faults per update instead of 200k); the KV cache, sized to the run, stays; level 1 keeps
+        everything."""
         if self.backend == "vllm" and self.sleep_mode and not self.asleep:
             if self.on_gpu:
                 self.llm.sleep(level=level)
                 self.asleep, self.weights_lost = {"weights", "kv_cache"}, level >= 2
             elif level >= 2:
-                self.llm.apply_model(_release_cpu_weights)
-                _trim_heap()
+                if self.lean_memory:
+                    self.llm.apply_model(_release_cpu_weights)
+                    self._trim_heap()
                 self.asleep, self.weights_lost = {"weights"}, True
 
     def wake_up(self, tags=None):
@@ -300,8 +316,8 @@ class Engine:
         tags = [t for t in (tags or ["weights", "kv_cache"]) if t in self.asleep]
         if tags and self.on_gpu:
             self.llm.wake_up(tags=tags)
-        elif "weights" in tags:
-            _trim_heap()  # what the trainer's update freed goes back to the system before the weights come back
+        elif "weights" in tags and self.lean_memory:
+            self._trim_heap()  # what the trainer's update freed goes back to the system before the weights come back
             self.llm.apply_model(_restore_cpu_weights)
         self.asleep -= set(tags)
 
@@ -397,6 +413,10 @@ def _restore_cpu_weights(model):
     model._released_storage = []
 
 
+def _count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
 def _trim_heap():
     """Give the heap's free pages back to the system (glibc malloc_trim): freed tensors below the mmap threshold
     otherwise stay in this process's RSS, and the next phase (engine weights, gathered tensors) adds to them."""
@@ -407,7 +427,7 @@ def _trim_heap():
         pass
 
 
-def _tied_head(named_tensors, tied, seen, after_embedding=None):
+def _tied_head(named_tensors, tied, seen, after_embedding=None, trim=None):
     """Pass (name, tensor) through, recording names in `seen`. Tied models: the embedding is also sent as
     `lm_head.weight` right after it (vLLM's CPU backend packs a separate copy of the head, which would
     otherwise stay stale), and any other `lm_head.weight` in the stream is dropped."""
@@ -416,8 +436,8 @@ def _tied_head(named_tensors, tied, seen, after_embedding=None):
             continue
         seen.add(name)
         yield name, t
-        if k % 16 == 15:
-            _trim_heap()  # the gathered tensors already loaded (freed) leave the heap, not just the tensors
+        if k % 16 == 15 and trim is not None:
+            trim()  # the gathered tensors already loaded (freed) leave the heap, not just the tensors
         if name == "model.embed_tokens.weight" and after_embedding is not None:
             after_embedding()  # the consumer asked for the next tensor: the embedding is loaded (and repacked)
         if tied and name == "model.embed_tokens.weight":

@@ -86,7 +86,9 @@ def vllm_engine(tiny):
             for e in alive.values():
                 e.shutdown()
             alive.clear()
-            alive[tie] = Engine(tiny[tie], seed=0, max_model_len=128, sleep_mode=True)
+            # lean_memory: the tied engine frees its weights while asleep (a large model's path on CPU), the untied
+            # one keeps them (a small model's), and the tests below hold for both
+            alive[tie] = Engine(tiny[tie], seed=0, max_model_len=128, sleep_mode=True, lean_memory=tie)
         return alive[tie]
     yield get
     for e in alive.values():
