@@ -3,14 +3,14 @@
     python demo.py            # GEM and CE cold starts (evaluated at T = beta, 1 and greedy), GRPO/ReMax/RAFT++/
                               # Reinforce-rej from GEM, GRPO and ReMax from CE; held-out pass@1 every 5 RL steps
     python demo.py --quick    # a smoke test of the same pipeline (tiny runs)
-    python demo.py --model smollm2-135m-instruct   # a real pretrained model (about 50 min on 2 cores): GEM and CE
+    python demo.py --model smollm2-135m-instruct   # a real pretrained model (27 min measured on 2 cores): GEM and CE
                               # cold starts, GRPO/ReMax/RAFT++/Reinforce-rej from GEM, 10 RL steps each
 
 The real-model demo runs the built-in task at one operation per problem ("3+4=", operands 1..5) through the model's
 chat template: SmolLM2-135M-Instruct answers 10% of it greedily and 0.3% at T = 1 zero-shot (it rarely ends with
 \boxed{}), 20 GEM steps bring it to about 40% at T = 1, and RL improves that within minutes; GSM8K is out of reach
-for 135M parameters (docs/real-model.md). RL starts from GEM only, and 10 steps each: a step of the 135M model takes ~35 s on
-2 cores, and the hour the demo may take does not hold more.
+for 135M parameters (docs/real-model.md). RL starts from GEM only, and 10 steps each: a step of the 135M model takes
+about 20 s on 2 cores (plus its evaluations), and the hour the demo may take does not hold both starts' RL.
 
 Each stage is one of the trainers, run with torchrun exactly as a user would; this script only
 chains them, then draws the curves (plot.py) and writes a markdown results table.

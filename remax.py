@@ -10,7 +10,8 @@ reward`, token t's return is the reward-to-go r_i - beta sum_{t' >= t} k1_t', mi
 # fenced "algorithm" regions (tests/test_algorithms.py checks it), so `diff grpo.py rloo.py` is the papers' difference;
 # a new algorithm is a copy edited inside the fences (docs/forks.md). Run: torchrun --nproc_per_node 2 <trainer>.py
 # (built-in task, CPU); real models: --model Qwen/Qwen2.5-Math-1.5B --data gsm8k_train.jsonl --lr 1e-6 (README).
-# Left out on purpose: a critic (none of these algorithms has one), reward models (answers are verified), packing.
+# Left out on purpose: a critic (none of these algorithms has one), reward models (answers are verified), packing
+# unrelated rows together (rows that share a prompt do share its forward: common/model.py hidden_states).
 import math
 import time
 from dataclasses import asdict, dataclass

@@ -150,19 +150,23 @@ def full_state_items(model, prefix="lm."):
     (`full_tensor()` all-gathers on every rank), so no second full copy of the model ever exists.
     A model that keeps its parameters gathered anyway (wrap_fsdp: small, on CPU) is gathered the way its forward
     does it, one all-gather per layer (FSDP's `unshard`) instead of one per tensor: SmolLM2-135M's 272 tensors took
-    0.8-1.1 s of a 1.5 s weight sync on 2 CPU ranks. Its parameters are then yielded (a tied head once, as the
-    embedding) and the model resharded.
+    0.8-1.1 s of a 1.5 s weight sync on 2 CPU ranks. The state dict's keys are then yielded from the gathered
+    parameters (a copy each) and the model resharded.
     A tied head needs nothing extra here: `rollout.Engine.sync` streams it from the embedding."""
     if getattr(model, "accumulate_gathered", False):
         from torch.distributed.fsdp import FSDPModule
+        keys = list(model.state_dict())  # the per-tensor path's names and order (a shared weight under each name)
         groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
         for m in groups:
             m.unshard()
         try:
-            for name, t in model.named_parameters():
-                name = name[len(prefix):] if name.startswith(prefix) else name
+            live = {**dict(model.named_parameters(remove_duplicate=False)),
+                    **dict(model.named_buffers(remove_duplicate=False))}
+            for key in keys:
+                t = live[key]
                 # a copy: resharding frees the gathered storage, and a caller may keep what it got
-                yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone())
+                yield key[len(prefix):] if key.startswith(prefix) else key, \
+                    (t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone())
         finally:
             for m in groups:
                 m.reshard()

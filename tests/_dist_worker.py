@@ -71,7 +71,9 @@ items = dict(dist.full_state_items(net, prefix=""))
 assert list(items) == list(plain.state_dict()), list(items)
 assert all(torch.allclose(items[k], v, atol=1e-6) for k, v in plain.state_dict().items())
 assert all(hasattr(p, "full_tensor") for p in net.parameters())  # resharded: DTensor shards again
-net.accumulate_gathered = False  # the per-tensor path (large models) gives the same tensors, bit for bit
-assert all(torch.equal(items[k], v) for k, v in dist.full_state_items(net, prefix=""))
+net.accumulate_gathered = False  # the per-tensor path (large models) gives the same names and tensors, bit for bit
+per_tensor = list(dist.full_state_items(net, prefix=""))
+assert [k for k, _ in per_tensor] == list(items) and all(torch.equal(items[k], v) for k, v in per_tensor)
+net.accumulate_gathered = True
 dist.print0("ok 12")
 dist.exit_cleanly()

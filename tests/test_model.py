@@ -132,7 +132,8 @@ def test_shared_prefix_forward_equals_each_row_alone(tmp_path):
         # by construction: one sequence per prompt, each row's tokens found where the index says
         assert p.ids.shape[0] == 3 and p.ids.numel() < ids.numel()
         assert torch.equal(p.ids.flatten()[p.index][attn.bool()], ids[attn.bool()])
-        assert torch.equal(p.positions.flatten()[p.index][attn.bool()], torch.arange(ids.shape[1]).expand_as(ids)[attn.bool()])
+        own_positions = torch.arange(ids.shape[1]).expand_as(ids)
+        assert torch.equal(p.positions.flatten()[p.index][attn.bool()], own_positions[attn.bool()])
         w = torch.randn(*ids.shape, lm.config.hidden_size, generator=torch.Generator().manual_seed(seed))
         h = M.hidden_states(lm, ids, attn)
         (h * w * attn[..., None]).sum().backward()
