@@ -13,6 +13,7 @@ Sample j of prompt i is drawn with its own seed, a hash of (seed, i, j), so it d
 rest of the batch.
 """
 import json
+import math
 import os
 import random
 import time
@@ -147,7 +148,8 @@ class Engine:
         self.tok = self.llm.get_tokenizer()
         if not self.on_gpu:
             self.llm.apply_model(_drop_unused_cpu_copies)
-            self.lean_memory = sum(self.llm.apply_model(_count_params)) >= RESHARD_CPU_PARAMS \
+            n_params = _checkpoint_params(model)  # None: not a local safetensors checkpoint (then lean)
+            self.lean_memory = (n_params is None or n_params >= RESHARD_CPU_PARAMS) \
                 if lean_memory is None else lean_memory
             self._trim_heap()
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False))
@@ -413,8 +415,20 @@ def _restore_cpu_weights(model):
     model._released_storage = []
 
 
-def _count_params(model):
-    return sum(p.numel() for p in model.parameters())
+def _checkpoint_params(path):
+    """Parameters of a local safetensors checkpoint, from its headers (None otherwise, e.g. a hub id). Not from the
+    engine's modules: vLLM's CPU backend repacks its linear weights outside the parameters it reports."""
+    path = Path(str(path))
+    files = sorted(path.glob("model*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+    total = 0
+    for f in files:
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                total += math.prod(h.get_slice(k).get_shape())
+    return total
 
 
 def _trim_heap():

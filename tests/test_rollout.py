@@ -12,7 +12,7 @@ import torch
 
 from _launch import torchrun
 from common.model import build_tiny, load
-from common.rollout import Engine, Sample, _tied_head, _top_p, sample_seed
+from common.rollout import Engine, Sample, _checkpoint_params, _tied_head, _top_p, sample_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 0.7
@@ -318,3 +318,14 @@ def test_prompt_longer_than_the_context_is_an_input_error(tiny):
     with pytest.raises(InputError, match="a prompt of 20 tokens leaves no room for a response in the context limit 16") as e:
         eng.generate(["1+1=", "x" * 20], n=1, max_new_tokens=2)
     assert not e.value.every_rank
+
+
+def test_lean_memory_follows_the_checkpoint_size(tiny, tmp_path):
+    """The engine's lean-memory default reads the parameter count from the checkpoint's headers (vLLM's CPU modules
+    hide their repacked weights): the untied model's count equals its loaded parameters; the tied one stores the
+    shared matrix once, so its count is smaller by exactly the head; no local checkpoint: None (then lean)."""
+    untied, tied = load(tiny[False])[0], load(tiny[True])[0]
+    assert _checkpoint_params(tiny[False]) == sum(p.numel() for p in untied.parameters())
+    assert _checkpoint_params(tiny[True]) == sum(p.numel() for p in tied.parameters())  # parameters(): shared once
+    assert _checkpoint_params(tiny[False]) - _checkpoint_params(tiny[True]) == untied.lm_head.weight.numel()
+    assert _checkpoint_params("Qwen/Qwen2.5-0.5B") is None and _checkpoint_params(tmp_path) is None
