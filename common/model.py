@@ -271,7 +271,7 @@ def shared_prefix_layout(ids, attn, min_saving=0.1):
     if len(groups) * L > (1 - min_saving) * B * T:
         return None
     G, dev = len(groups), ids.device
-    p_ids = torch.full((G, L), 0, dtype=ids.dtype, device=dev)
+    p_ids = torch.zeros((G, L), dtype=ids.dtype, device=dev)
     pos = torch.zeros((G, L), dtype=torch.long, device=dev)
     mask = torch.eye(L, dtype=torch.bool, device=dev).repeat(G, 1, 1)  # padding attends to itself (no empty row)
     index = torch.zeros((B, T), dtype=torch.long, device=dev)

@@ -106,7 +106,8 @@ class Engine:
         self.lean_memory = False
         self.last_gen_tokens = self.last_gen_seconds = self.last_tokens_per_s = self.last_truncated = 0
         self.last_sync_seconds = 0.0
-        self.ckpt_keys = _checkpoint_keys(model)
+        shapes = _checkpoint_shapes(model)  # None: not a local safetensors checkpoint
+        self.ckpt_keys = None if shapes is None else set(shapes)
         if backend == "hf":  # the trainer's tokenizer and a plain transformers model (kept in sync)
             from common.model import load
             assert (hf_model is None) == (tokenizer is None), "pass hf_model and tokenizer together"
@@ -148,7 +149,9 @@ class Engine:
         self.tok = self.llm.get_tokenizer()
         if not self.on_gpu:
             self.llm.apply_model(_drop_unused_cpu_copies)
-            n_params = _checkpoint_params(model)  # None: not a local safetensors checkpoint (then lean)
+            # the size from the checkpoint, not from the engine's modules: vLLM's CPU backend repacks its linear
+            # weights outside the parameters it reports. Unknown size (a hub id): lean
+            n_params = None if shapes is None else sum(math.prod(s) for s in shapes.values())
             self.lean_memory = (n_params is None or n_params >= RESHARD_CPU_PARAMS) \
                 if lean_memory is None else lean_memory
             self._trim_heap()
@@ -310,7 +313,7 @@ class Engine:
             elif level >= 2:
                 if self.lean_memory:
                     self.llm.apply_model(_release_cpu_weights)
-                    self._trim_heap()
+                    _trim_heap()
                 self.asleep, self.weights_lost = {"weights"}, True
 
     def wake_up(self, tags=None):
@@ -319,7 +322,7 @@ class Engine:
         if tags and self.on_gpu:
             self.llm.wake_up(tags=tags)
         elif "weights" in tags and self.lean_memory:
-            self._trim_heap()  # what the trainer's update freed goes back to the system before the weights come back
+            _trim_heap()  # what the trainer's update freed goes back to the system before the weights come back
             self.llm.apply_model(_restore_cpu_weights)
         self.asleep -= set(tags)
 
@@ -415,22 +418,6 @@ def _restore_cpu_weights(model):
     model._released_storage = []
 
 
-def _checkpoint_params(path):
-    """Parameters of a local safetensors checkpoint, from its headers (None otherwise, e.g. a hub id). Not from the
-    engine's modules: vLLM's CPU backend repacks its linear weights outside the parameters it reports."""
-    path = Path(str(path))
-    files = sorted(path.glob("model*.safetensors")) if path.is_dir() else []
-    if not files:
-        return None
-    from safetensors import safe_open
-    total = 0
-    for f in files:
-        with safe_open(f, "pt") as h:
-            for k in h.keys():
-                total += math.prod(h.get_slice(k).get_shape())
-    return total
-
-
 def _trim_heap():
     """Give the heap's free pages back to the system (glibc malloc_trim): freed tensors below the mmap threshold
     otherwise stay in this process's RSS, and the next phase (engine weights, gathered tensors) adds to them."""
@@ -470,17 +457,22 @@ def _as_list(x):
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _checkpoint_keys(path):
-    """Tensor names of a local transformers safetensors checkpoint (None otherwise, e.g. a hub id): what
-    `sync` must receive."""
+def _checkpoint_shapes(path):
+    """{tensor name: shape} of a local transformers safetensors checkpoint, from its files' headers (None otherwise,
+    e.g. a hub id): the names are what `sync` must receive, the shapes give the model's size."""
     path = Path(str(path))
     if (path / "model.safetensors.index.json").exists():
-        return set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"])
-    if (path / "model.safetensors").exists():
-        from safetensors import safe_open
-        with safe_open(path / "model.safetensors", "pt") as f:
-            return set(f.keys())
-    return None
+        files = sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        return None
+    from safetensors import safe_open
+    shapes = {}
+    for name in files:
+        with safe_open(path / name, "pt") as f:
+            shapes |= {k: f.get_slice(k).get_shape() for k in f.keys()}
+    return shapes
 
 
 @contextmanager

@@ -5,6 +5,7 @@ read at the sampled tokens. One vLLM engine at a time lives in this process (mod
 first syncs the weights it expects, so the tests don't depend on their order.
 """
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from _launch import torchrun
 from common.model import build_tiny, load
-from common.rollout import Engine, Sample, _checkpoint_params, _tied_head, _top_p, sample_seed
+from common.rollout import Engine, Sample, _checkpoint_shapes, _tied_head, _top_p, sample_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 0.7
@@ -325,7 +326,8 @@ def test_lean_memory_follows_the_checkpoint_size(tiny, tmp_path):
     hide their repacked weights): the untied model's count equals its loaded parameters; the tied one stores the
     shared matrix once, so its count is smaller by exactly the head; no local checkpoint: None (then lean)."""
     untied, tied = load(tiny[False])[0], load(tiny[True])[0]
+    _checkpoint_params = lambda path: sum(math.prod(s) for s in _checkpoint_shapes(path).values())
     assert _checkpoint_params(tiny[False]) == sum(p.numel() for p in untied.parameters())
     assert _checkpoint_params(tiny[True]) == sum(p.numel() for p in tied.parameters())  # parameters(): shared once
     assert _checkpoint_params(tiny[False]) - _checkpoint_params(tiny[True]) == untied.lm_head.weight.numel()
-    assert _checkpoint_params("Qwen/Qwen2.5-0.5B") is None and _checkpoint_params(tmp_path) is None
+    assert _checkpoint_shapes("Qwen/Qwen2.5-0.5B") is None and _checkpoint_shapes(tmp_path) is None
