@@ -150,13 +150,16 @@ def one_line_errors():
         if not e.every_rank:
             print(f"error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2)
-        if int(os.environ.get("RANK", "0")):  # rank 0 prints the line: the first rank to exit makes torchrun stop
-            import time                       # the others, so they give it a moment to get there
-            time.sleep(5)
         _usage_error(str(e))
 
 
 def _usage_error(message):
+    """The `error:` line (rank 0 prints it) and exit code 2 on every rank. The first rank to exit makes torchrun stop
+    the others, so the other ranks give rank 0 a moment to print first (a bad flag at 2 ranks once ended with no
+    line at all: rank 1 exited, torchrun stopped rank 0 before it printed)."""
+    if int(os.environ.get("RANK", "0")):
+        import time
+        time.sleep(5)
     print0(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
