@@ -226,25 +226,40 @@ def hidden_states(model, input_ids, attention_mask=None):
     """Final hidden states [B, T, D] of a HF causal LM: the decoder body without the lm_head.
     Rows that begin with the same tokens (a group's n responses share their prompt; a chat template's system
     prompt is shared by every row) run that prefix once: `shared_prefix_layout` packs them into one sequence,
-    the prefix then each row's remainder, every remainder attending to the prefix and to itself, at the positions
-    it has in its own row. Causal attention makes the prefix's hidden states the same in every row, so the result
-    is the unpacked forward's, and so is the gradient (the n rows' gradients meet in the prefix's one forward)."""
+    the prefix then each row's remainder, at the positions it has in its own row, and `prefix_attention` lets
+    every remainder attend to the prefix and to itself. Causal attention makes the prefix's hidden states the
+    same in every row, so the result is the unpacked forward's, and so is the gradient (the n rows' gradients
+    meet in the prefix's one forward)."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    full_attention = all(t == "full_attention" for t in getattr(body.config, "layer_types", None) or [])
     packed = shared_prefix_layout(input_ids, attention_mask) \
-        if attention_mask is not None and model.config._attn_implementation == "sdpa" else None  # a custom mask
+        if attention_mask is not None and model.config._attn_implementation == "sdpa" and full_attention else None
     if packed is None:
         return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    h = body(input_ids=packed.ids, attention_mask=packed.mask, position_ids=packed.positions,
-             use_cache=False).last_hidden_state
+    # HF looks the attention function up by config._attn_implementation in every layer: this forward's is ours
+    # (a name without a mask function: the model builds no [L x L] mask), the model's own again right after
+    impl, body.config._attn_implementation = body.config._attn_implementation, PREFIX_ATTENTION
+    try:
+        h = body(input_ids=packed.ids, position_ids=packed.positions, prefix_layout=packed,
+                 use_cache=False).last_hidden_state
+    finally:
+        body.config._attn_implementation = impl
     return h.flatten(0, 1)[packed.index.flatten()].view(*input_ids.shape, -1)
 
 
 @dataclass
 class PackedPrefixes:
-    ids: torch.Tensor        # [G, L] one sequence per group: the shared prefix, then each row's remainder
+    """One sequence per group of G: the shared prefix (c_g tokens), then each row's remainder (m_r tokens). For the
+    attention, prefixes are padded to C tokens and remainders to M; every index is flat into the [G * L] positions
+    (padding slots point at a real position and are masked or discarded)."""
+    ids: torch.Tensor        # [G, L] the packed tokens
     positions: torch.Tensor  # [G, L] each token's position in its own row
-    mask: torch.Tensor       # [G, 1, L, L] bool, True = attends (the prefix causally; a remainder: prefix + itself)
-    index: torch.Tensor      # [B, T] flat index into [G * L] of each (row, position); padding -> 0 (not scored)
+    index: torch.Tensor      # [B, T] flat index of each (row, position); padding -> 0 (not scored)
+    prefix: torch.Tensor     # [G, C] each group's prefix positions (causal among themselves)
+    remainder: torch.Tensor  # [R, M] each remainder's positions (R: rows with a nonempty remainder)
+    keys: torch.Tensor       # [R, C + M] what a remainder attends to: its group's prefix, then itself
+    key_mask: torch.Tensor   # [R, 1, M, C + M] bool: the prefix's real tokens, and itself causally
+    back: torch.Tensor       # [G * L] slot of each position in cat(prefix outputs, remainder outputs, a zero)
 
 
 def shared_prefix_layout(ids, attn, min_saving=0.1):
@@ -271,22 +286,75 @@ def shared_prefix_layout(ids, attn, min_saving=0.1):
     if len(groups) * L > (1 - min_saving) * B * T:
         return None
     G, dev = len(groups), ids.device
+    C = max(c for _, _, c in groups)
+    rems = [(g, k, lens[k] - c) for g, (i, j, c) in enumerate(groups) for k in range(i, j) if lens[k] > c]
+    M = max((m for _, _, m in rems), default=0)
     p_ids = torch.zeros((G, L), dtype=ids.dtype, device=dev)
     pos = torch.zeros((G, L), dtype=torch.long, device=dev)
-    mask = torch.eye(L, dtype=torch.bool, device=dev).repeat(G, 1, 1)  # padding attends to itself (no empty row)
     index = torch.zeros((B, T), dtype=torch.long, device=dev)
-    tril = lambda m: torch.ones(m, m, dtype=torch.bool, device=dev).tril()
+    prefix = torch.arange(G, device=dev)[:, None] * L + torch.zeros(C, dtype=torch.long, device=dev)
+    remainder = torch.zeros((len(rems), M), dtype=torch.long, device=dev)
+    back = torch.full((G * L,), G * C + len(rems) * M, dtype=torch.long, device=dev)  # padding: the zero slot
+    starts = {}
     for g, (i, j, c) in enumerate(groups):
-        p_ids[g, :c], pos[g, :c], mask[g, :c, :c] = ids[i, :c], torch.arange(c, device=dev), tril(c)
-        index[i:j, :c] = g * L + torch.arange(c, device=dev)
+        p_ids[g, :c], pos[g, :c] = ids[i, :c], torch.arange(c, device=dev)
+        index[i:j, :c] = prefix[g, :c] = g * L + torch.arange(c, device=dev)
+        back[g * L:g * L + c] = g * C + torch.arange(c, device=dev)
         o = c
         for k in range(i, j):
             m = lens[k] - c
             p_ids[g, o:o + m], pos[g, o:o + m] = ids[k, c:lens[k]], torch.arange(c, lens[k], device=dev)
-            mask[g, o:o + m, :c], mask[g, o:o + m, o:o + m] = True, tril(m)
             index[k, c:lens[k]] = g * L + o + torch.arange(m, device=dev)
+            starts[k] = o
             o += m
-    return PackedPrefixes(p_ids, pos, mask[:, None], index)
+    key_mask = torch.zeros((len(rems), 1, M, C + M), dtype=torch.bool, device=dev)
+    key_mask[..., C:] = torch.ones(M, M, dtype=torch.bool, device=dev).tril()
+    for r, (g, k, m) in enumerate(rems):
+        remainder[r] = g * L + starts[k] + torch.arange(M, device=dev).clamp(max=m - 1)  # padding: its last token
+        back[remainder[r, :m]] = G * C + r * M + torch.arange(m, device=dev)
+        key_mask[r, ..., :groups[g][2]] = True
+    keys = torch.cat([prefix[[g for g, _, _ in rems]], remainder], 1)
+    return PackedPrefixes(p_ids, pos, index, prefix, remainder, keys, key_mask, back)
+
+
+PREFIX_ATTENTION = "prefix_packed"
+
+
+def prefix_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, prefix_layout=None,
+                     **kwargs):
+    """HF attention function for a `shared_prefix_layout` forward: query [G, H, L, d], key/value [G, KV, L, d] ->
+    ([G, L, H, d], None). Each prefix attends to itself causally; each remainder, gathered into a row of its own,
+    to its group's prefix and causally to itself. One [L x L] attention per group under a block mask would compute
+    every pair of the n remainders too: at GSM8K length (prompt ~150, 4 responses of 256) 2.9x the work here."""
+    from transformers.integrations.sdpa_attention import repeat_kv, use_gqa_in_sdpa
+    lay, (G, H, L, d) = prefix_layout, query.shape
+    q, k, v = (x.transpose(1, 2).flatten(0, 1) for x in (query, key, value))  # [G * L, heads, d]
+
+    def attend(rows, cols, mask):  # queries at positions `rows` [N, Tq], keys/values at `cols` [N, Tk]
+        qi, ki, vi = (x[ix].transpose(1, 2) for x, ix in ((q, rows), (k, cols), (v, cols)))
+        gqa = {}
+        if ki.shape[1] != H:
+            if use_gqa_in_sdpa(mask, ki, vi):
+                gqa["enable_gqa"] = True
+            else:
+                ki, vi = repeat_kv(ki, H // ki.shape[1]), repeat_kv(vi, H // vi.shape[1])
+        out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, dropout_p=dropout,
+                                                               is_causal=mask is None, scale=scaling, **gqa)
+        return out.transpose(1, 2).flatten(0, 1)  # [N * Tq, H, d]
+
+    parts = [attend(lay.prefix, lay.prefix, None)]
+    if len(lay.remainder):
+        parts.append(attend(lay.remainder, lay.keys, lay.key_mask))
+    parts.append(query.new_zeros(1, H, d))
+    return torch.cat(parts)[lay.back].view(G, L, H, d), None
+
+
+def _register_prefix_attention():
+    from transformers import AttentionInterface
+    AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
+
+
+_register_prefix_attention()
 
 
 def head_weight(model):
