@@ -60,7 +60,7 @@ def generate(threads, prompts, calls=4):
     torch.set_num_threads(threads)
     _, tok = load(str(MODEL))
     engine = Engine(str(MODEL), max_model_len=512, max_seqs=prompts * 4)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # again: vLLM's CPU worker binds its own thread count when it starts
     batch = [data.format_prompt(tok, f"{17 * i + 3}+{29 * i + 11}") for i in range(prompts)]
     times = [_seconds(lambda: engine.generate(batch, n=4, max_new_tokens=64, seed=c, ignore_eos=True))
              for c in range(calls)]

@@ -289,15 +289,17 @@ def shared_prefix_layout(ids, attn, min_saving=0.1):
         return None
     G, dev = len(groups), ids.device
     C = max(c for _, _, c in groups)
-    rems = [(g, k, lens[k] - c) for g, (i, j, c) in enumerate(groups) for k in range(i, j) if lens[k] > c]
-    M = max((m for _, _, m in rems), default=0)
+    rems = [(g, lens[k] - c) for g, (i, j, c) in enumerate(groups) for k in range(i, j) if lens[k] > c]
+    M = max((m for _, m in rems), default=0)
     p_ids = torch.zeros((G, L), dtype=ids.dtype, device=dev)
     pos = torch.zeros((G, L), dtype=torch.long, device=dev)
     index = torch.zeros((B, T), dtype=torch.long, device=dev)
     prefix = torch.arange(G, device=dev)[:, None] * L + torch.zeros(C, dtype=torch.long, device=dev)
     remainder = torch.zeros((len(rems), M), dtype=torch.long, device=dev)
     back = torch.full((G * L,), G * C + len(rems) * M, dtype=torch.long, device=dev)  # padding: the zero slot
-    starts = {}
+    key_mask = torch.zeros((len(rems), 1, M, C + M), dtype=torch.bool, device=dev)
+    key_mask[..., C:] = torch.ones(M, M, dtype=torch.bool, device=dev).tril()
+    r = 0  # the next remainder's row
     for g, (i, j, c) in enumerate(groups):
         p_ids[g, :c], pos[g, :c] = ids[i, :c], torch.arange(c, device=dev)
         index[i:j, :c] = prefix[g, :c] = g * L + torch.arange(c, device=dev)
@@ -307,15 +309,13 @@ def shared_prefix_layout(ids, attn, min_saving=0.1):
             m = lens[k] - c
             p_ids[g, o:o + m], pos[g, o:o + m] = ids[k, c:lens[k]], torch.arange(c, lens[k], device=dev)
             index[k, c:lens[k]] = g * L + o + torch.arange(m, device=dev)
-            starts[k] = o
+            if m > 0:
+                remainder[r] = g * L + o + torch.arange(M, device=dev).clamp(max=m - 1)  # padding: its last token
+                back[g * L + o:g * L + o + m] = G * C + r * M + torch.arange(m, device=dev)
+                key_mask[r, ..., :c] = True
+                r += 1
             o += m
-    key_mask = torch.zeros((len(rems), 1, M, C + M), dtype=torch.bool, device=dev)
-    key_mask[..., C:] = torch.ones(M, M, dtype=torch.bool, device=dev).tril()
-    for r, (g, k, m) in enumerate(rems):
-        remainder[r] = g * L + starts[k] + torch.arange(M, device=dev).clamp(max=m - 1)  # padding: its last token
-        back[remainder[r, :m]] = G * C + r * M + torch.arange(m, device=dev)
-        key_mask[r, ..., :groups[g][2]] = True
-    keys = torch.cat([prefix[[g for g, _, _ in rems]], remainder], 1)
+    keys = torch.cat([prefix[[g for g, _ in rems]], remainder], 1)
     return PackedPrefixes(p_ids, pos, index, prefix, remainder, keys, key_mask, back)
 
 
@@ -349,7 +349,6 @@ def prefix_attention(module, query, key, value, attention_mask=None, scaling=Non
         parts.append(attend(lay.remainder, lay.keys, lay.key_mask))
     parts.append(query.new_zeros(1, H, d))
     return torch.cat(parts)[lay.back].view(G, L, H, d), None
-
 
 
 def head_weight(model):
