@@ -206,7 +206,8 @@ def main(args: Args):
             seed = args.seed * 100_003 + step * d.world + d.rank + 1_000_000_007 * rounds  # per sample in the engine
             # --- algorithm ---
             groups = engine.generate(prompts, n=n, temperature=args.temperature, top_p=args.top_p,
-                                     max_new_tokens=args.max_new_tokens, seed=seed)
+                                     max_new_tokens=args.max_new_tokens, seed=seed,
+                                     every_rank=rounds == 0)  # later rounds: only the ranks still short of P groups
             # --- end algorithm ---
             scores, rstats = rewards.score_batch([s.text for g in groups for s in g],
                                                  [a for a in answers for _ in range(n)])

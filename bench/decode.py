@@ -8,6 +8,12 @@
    streams memory (a sum over 1 GB), alone and with the other core streaming too.
 2. The same rollout two ways, seconds per generate call (the first call left out): two engines side by side, one
    per process and core, 16 sequences each (what 2 ranks do), against one engine on both cores decoding all 32.
+3. The same in the trainers' set-up (torchrun, 2 ranks, an Engine per rank): Engine.generate pooled (rank 0's engine
+   decodes both ranks' prompts on both cores) against every_rank=False (each rank's own engine), calls alternating
+   so that the machine's load hits both alike; a call's time is the slower rank's; and the CPU time the waiting rank
+   uses during a pooled call.
+
+    python bench/decode.py --ranks-only  # part 3 alone
 """
 import statistics
 import subprocess
@@ -67,6 +73,59 @@ def generate(threads, prompts, calls=4):
     return times[1:]
 
 
+def ranks(prompts=4, calls=6):
+    """Part 3, on each rank of `torchrun --nproc_per_node 2`: rank 0 prints the seconds of each pooled and each
+    per-rank call (after one warm-up call of each)."""
+    sys.path.insert(0, str(ROOT))
+    import torch.distributed as tdist
+    from common import data, dist
+    from common.model import load
+    from common.rollout import Engine
+    d = dist.setup(0)
+    _, tok = load(str(MODEL))
+    engine = Engine(str(MODEL), max_model_len=512, max_seqs=prompts * 4)
+    assert engine.pooled, "the engine should pool here (CPU, 2 ranks on one machine, a small model)"
+    mine = range(d.rank * prompts, (d.rank + 1) * prompts)  # rank-specific prompts, as in the trainers
+    batch = [data.format_prompt(tok, f"{17 * i + 3}+{29 * i + 11}") for i in mine]
+
+    def call(every_rank, seed):
+        tdist.barrier()
+        t, cpu = time.perf_counter(), time.process_time()
+        engine.generate(batch, n=4, max_new_tokens=64, seed=seed, ignore_eos=True, every_rank=every_rank)
+        cpu = time.process_time() - cpu
+        tdist.barrier()  # the rollout ends when the slower rank has its samples
+        return time.perf_counter() - t, cpu
+
+    times, waiting = {True: [], False: []}, []
+    for c in range(calls + 1):
+        for every_rank in (c % 2 == 0, c % 2 == 1):  # alternate which goes first
+            wall, cpu = call(every_rank, c)
+            times[every_rank].append(wall)
+            if every_rank and c:
+                waiting.append(cpu)  # on rank 1: the CPU seconds it used while rank 0 decoded for it
+    cpu = [None] * d.world if d.rank == 0 else None
+    tdist.gather_object(waiting, cpu, dst=0)
+    if d.rank == 0:
+        print(" ".join(f"{t:.3f}" for t in times[True][1:]), "|", " ".join(f"{t:.3f}" for t in times[False][1:]),
+              "|", " ".join(f"{t:.3f}" for t in cpu[1]))
+    engine.shutdown()
+    dist.cleanup()
+
+
+def _ranks_line():
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", __file__, "--ranks"], cwd=ROOT,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"error: torchrun {__file__} --ranks failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
+    pooled, own, waiting = ([float(x) for x in part.split()] for part in out.stdout.strip().splitlines()[-1].split("|"))
+    ratio = statistics.median(pooled) / statistics.median(own)
+    print(f"trainer engines, 2 ranks: pooled {statistics.median(pooled):.2f} s per call "
+          f"({', '.join(f'{t:.2f}' for t in pooled)}), each rank's own {statistics.median(own):.2f} s "
+          f"({', '.join(f'{t:.2f}' for t in own)}); pooled x own: {ratio:.2f}; CPU seconds rank 1 used while waiting "
+          f"for a pooled call: {max(waiting):.2f} at most")
+
+
 def _run(*args):
     return subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
 
@@ -81,6 +140,8 @@ def _last(p):
 def main():
     if not MODEL.exists():
         raise SystemExit(f"error: {MODEL} not found: run `bash setup.sh` first (it converts the model)")
+    if sys.argv[1:2] == ["--ranks-only"]:
+        return _ranks_line()
     for rows in (16, 506):
         for name, (s, gf) in products(rows).items():
             print(f"products of one decoding step, {rows} rows, {name}: {s * 1e3:.1f} ms, {gf:.0f} GFLOP/s", flush=True)
@@ -94,11 +155,14 @@ def main():
           f"({', '.join(f'{t:.2f}' for t in side)})")
     print(f"one engine, 2 threads, 32 sequences: {statistics.median(one):.2f} s per call "
           f"({', '.join(f'{t:.2f}' for t in one)}); x side by side: {statistics.median(one) / statistics.median(side):.2f}")
+    _ranks_line()
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--stream"]:
         print(stream())
+    elif sys.argv[1:2] == ["--ranks"]:
+        ranks()
     elif sys.argv[1:2] == ["--generate"]:
         print(" ".join(f"{t:.3f}" for t in generate(int(sys.argv[2]), int(sys.argv[3]))))
     else:

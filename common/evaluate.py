@@ -32,7 +32,8 @@ def evaluate(engine, rows, tokenizer, k=8, temperature=1.0, max_new_tokens=256, 
     ks = sorted({1, k} | set(ks or [])) if k > 1 else [1]
     mine = rows[rank::world]
     prompts = [format_prompt(tokenizer, r["question"]) for r in mine]
-    groups = engine.generate(prompts, n=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed) if mine else []
+    # every rank calls it, with no rows too: one engine may generate for all ranks (rollout.Engine.generate)
+    groups = engine.generate(prompts, n=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     texts = [s.text for g in groups for s in g]
     golds = [r["answer"] for r in mine for _ in range(k)]
     scores, stats = rewards.score_batch(texts, golds) if texts else ([], {"timeouts": 0, "errors": 0})

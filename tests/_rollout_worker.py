@@ -1,5 +1,7 @@
 """torchrun helper for tests/test_rollout.py: every rank trains an FSDP2 model one step, pushes the new
-weights into its own colocated vLLM engine and writes what it saw to OUT_DIR/rank{r}.json.
+weights into its own colocated vLLM engine and writes what it saw to OUT_DIR/rank{r}.json. The engines are pooled
+(the tiny model, CPU, both ranks on this machine): rank 0's decodes for both; each rank's own engine is checked
+through every_rank=False calls.
 
     torchrun --standalone --nproc_per_node 2 tests/_rollout_worker.py MODEL_DIR OUT_DIR
 """
@@ -25,8 +27,9 @@ def main(model_dir, out_dir):
     engine = Engine(model_dir, seed=0, max_model_len=128)
     prompts = [f"{d.rank}:12+34=", f"{d.rank}:hello"]
 
-    def gen(seed):
-        return [s for g in engine.generate(prompts, n=2, temperature=T, max_new_tokens=12, seed=seed) for s in g]
+    def gen(seed, every_rank=True):
+        return [s for g in engine.generate(prompts, n=2, temperature=T, max_new_tokens=12, seed=seed,
+                                           every_rank=every_rank) for s in g]
 
     def trainer_logprobs(samples):  # one sequence per forward: every rank runs the same number
         out = []
@@ -51,12 +54,15 @@ def main(model_dir, out_dir):
     opt.zero_grad(set_to_none=True)
     engine.sync(dist.full_state_items(policy))
 
-    post, again, other = gen(seed), gen(seed), gen(seed + 1)
+    post, again, other, alone = gen(seed), gen(seed), gen(seed + 1), gen(seed, every_rank=False)
     eng_post = [x for s in post for x in s.logprobs]
     eng_pre = [x for s in pre for x in s.logprobs]
-    tr_post, tr_pre = trainer_logprobs(post), trainer_logprobs(pre)  # trainer after the step
+    tr_post, tr_pre, tr_alone = trainer_logprobs(post), trainer_logprobs(pre), trainer_logprobs(alone)
     mad = lambda a, b: (torch.tensor(a) - torch.tensor(b)).abs().mean().item()
-    res = {"rank": d.rank, "gap_after_sync": mad(eng_post, tr_post), "step_change": mad(eng_pre, tr_pre),
+    res = {"rank": d.rank, "pooled": engine.pooled, "gap_after_sync": mad(eng_post, tr_post),
+           "step_change": mad(eng_pre, tr_pre),
+           "alone_gap_after_sync": mad([x for s in alone for x in s.logprobs], tr_alone),  # this rank's own engine
+           "alone_equals_pooled": [s.response_ids for s in alone] == [s.response_ids for s in post],
            "same_seed_equal": [s.response_ids for s in post] == [s.response_ids for s in again],
            "other_seed_differs": [s.response_ids for s in post] != [s.response_ids for s in other],
            "tokens": [s.response_ids for s in post], "tied": engine.tied}

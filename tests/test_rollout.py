@@ -289,9 +289,11 @@ def test_two_ranks_fsdp_sync(tiny, tmp_path):
     torchrun("_rollout_worker.py", tiny[True], tmp_path)
     res = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
     for x in res:
-        assert x["tied"] and x["gap_after_sync"] < 1e-4, x
+        assert x["pooled"] and x["tied"] and x["gap_after_sync"] < 1e-4, x
         assert x["step_change"] > 0.1, x  # the step was real and the engine saw it
         assert x["same_seed_equal"] and x["other_seed_differs"], x
+        # each rank's own engine was synced too, and draws the same samples as the pooled engine did for that rank
+        assert x["alone_gap_after_sync"] < 1e-4 and x["alone_equals_pooled"], x
     assert res[0]["tokens"] != res[1]["tokens"]  # rank-specific prompts
 
 
